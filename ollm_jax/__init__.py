@@ -1,0 +1,26 @@
+"""ollm-jax: a functional JAX inference engine for long-context LLMs on small GPUs."""
+
+from ollm_jax.config import ModelConfig, UnsupportedConfigError
+from ollm_jax.generate import generate
+from ollm_jax.model import forward, init_params, param_specs
+from ollm_jax.sampling import SamplingParams
+
+__all__ = [
+    "ModelConfig",
+    "SamplingParams",
+    "UnsupportedConfigError",
+    "forward",
+    "generate",
+    "init_params",
+    "load",
+    "param_specs",
+]
+
+
+def __getattr__(name):
+    # `load` pulls in orbax and transformers; import them only when asked for.
+    if name in ("load", "Model"):
+        from ollm_jax import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'ollm_jax' has no attribute {name!r}")

@@ -1,0 +1,239 @@
+"""Llama-family transformer (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) in Flax.
+
+The forward pass is a pure function
+
+    forward(params, cfg, tokens, positions, cache) -> (logits, cache)
+
+used for prefill (many tokens per sequence) and decode (one token per sequence) alike.
+The KV cache is an explicit pytree argument and result (`ollm_jax.kv_cache`); nothing
+is stored in mutable Flax collections.
+
+Every weight is declared once, in the module that uses it, with its shape, dtype and
+logical axis names (`_param`). Initialisation (`init_params`), the shape table used by
+loading and conversion checks (`param_specs`) and sharding rules (`logical_axes`) all
+derive from those declarations.
+
+Dimensions: B batch, T tokens, E hidden (embed), H query heads, K KV heads,
+G = H // K, D head_dim, F MLP hidden, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ollm_jax import attention, kv_cache
+from ollm_jax.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:
+    """Declares one weight: its shape, dtype (the config's) and logical axis names."""
+    assert len(shape) == len(axes), (name, shape, axes)
+    dtype = jnp.dtype(module.cfg.dtype)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+_dense_init = nn.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+    dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = _param(self, "scale", (self.dim,), ("norm",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        # As Hugging Face: normalise in float32, cast back, then scale.
+        return scale * normed.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_frequencies(cfg: ModelConfig) -> tuple[float, ...]:
+    """RoPE inverse frequencies [D/2], with llama3 or linear scaling if configured."""
+    d = cfg.head_dim
+    inv = [cfg.rope_theta ** (-(2 * i) / d) for i in range(d // 2)]
+    rs = cfg.rope_scaling
+    if rs is None:
+        return tuple(inv)
+    if rs.rope_type == "linear":
+        return tuple(f / rs.factor for f in inv)
+    # llama3: keep high frequencies, divide low ones by `factor`, blend in between.
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(f)
+        elif wavelen > low_wavelen:
+            out.append(f / rs.factor)
+        else:
+            smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+                rs.high_freq_factor - rs.low_freq_factor
+            )
+            out.append((1 - smooth) * f / rs.factor + smooth * f)
+    return tuple(out)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotate-half RoPE (Hugging Face layout). x [B, T, N, D], positions [B, T]."""
+    inv = jnp.asarray(_inv_frequencies(cfg), jnp.float32)  # [D/2]
+    angles = positions.astype(jnp.float32)[:, :, None] * inv  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)  # [B, T, 1, D/2]
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)  # [B, T, N, D/2] each
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, layer_cache, attention_impl):
+        cfg = self.cfg
+        e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        w_q = _param(self, "w_q", (e, h, d), ("embed", "q_heads", "head_dim"), _dense_init)
+        w_k = _param(self, "w_k", (e, k, d), ("embed", "kv_heads", "head_dim"), _dense_init)
+        w_v = _param(self, "w_v", (e, k, d), ("embed", "kv_heads", "head_dim"), _dense_init)
+        w_o = _param(self, "w_o", (h, d, e), ("q_heads", "head_dim", "embed"), _dense_init)
+
+        q = jnp.einsum("bte,ehd->bthd", x, w_q)  # [B, T, H, D]
+        k_new = jnp.einsum("bte,ekd->btkd", x, w_k)  # [B, T, K, D]
+        v_new = jnp.einsum("bte,ekd->btkd", x, w_v)  # [B, T, K, D]
+        if cfg.qkv_bias:
+            q = q + _param(self, "b_q", (h, d), ("q_heads", "head_dim"), nn.initializers.zeros)
+            k_new = k_new + _param(self, "b_k", (k, d), ("kv_heads", "head_dim"), nn.initializers.zeros)
+            v_new = v_new + _param(self, "b_v", (k, d), ("kv_heads", "head_dim"), nn.initializers.zeros)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim, before RoPE.
+            q = RMSNorm(cfg, d, name="q_norm")(q)
+            k_new = RMSNorm(cfg, d, name="k_norm")(k_new)
+        q = apply_rope(q, positions, cfg)
+        k_new = apply_rope(k_new, positions, cfg)
+
+        layer_cache = kv_cache.write(layer_cache, k_new, v_new, positions)
+        out = attention.attend(
+            q, layer_cache, positions, sliding_window=cfg.sliding_window, impl=attention_impl
+        )  # [B, T, H, D]
+        out = jnp.einsum("bthd,hde->bte", out, w_o)  # [B, T, E]
+        if cfg.o_bias:
+            out = out + _param(self, "b_o", (e,), ("embed",), nn.initializers.zeros)
+        return out, layer_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        e, f = self.cfg.hidden_size, self.cfg.intermediate_size
+        w_gate = _param(self, "w_gate", (e, f), ("embed", "mlp"), _dense_init)
+        w_up = _param(self, "w_up", (e, f), ("embed", "mlp"), _dense_init)
+        w_down = _param(self, "w_down", (f, e), ("mlp", "embed"), _dense_init)
+        gate = jnp.einsum("bte,ef->btf", x, w_gate)  # [B, T, F]
+        up = jnp.einsum("bte,ef->btf", x, w_up)  # [B, T, F]
+        return jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, w_down)  # [B, T, E]
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, layer_cache, attention_impl):
+        e = self.cfg.hidden_size
+        attn_out, layer_cache = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, e, name="attn_norm")(x), positions, layer_cache, attention_impl
+        )
+        x = x + attn_out
+        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, e, name="mlp_norm")(x))
+        return x, layer_cache
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache: kv_cache.KVCache, logits_index=None):
+        cfg = self.cfg
+        embedding = _param(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), _dense_init)
+        x = jnp.take(embedding, tokens, axis=0)  # [B, T, E]
+        layers = []
+        for i in range(cfg.num_layers):
+            x, layer = Block(cfg, name=f"layers_{i}")(x, positions, cache.layers[i], self.attention_impl)
+            layers.append(layer)
+        x = RMSNorm(cfg, cfg.hidden_size, name="final_norm")(x)
+        if logits_index is not None:  # only the rows whose logits are wanted: [B, N, E]
+            x = jnp.take_along_axis(x, logits_index[:, :, None], axis=1)
+        if cfg.tie_word_embeddings:
+            logits = jnp.einsum("bne,ve->bnv", x, embedding, preferred_element_type=jnp.float32)
+        else:
+            w_lm = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), _dense_init)
+            logits = jnp.einsum("bne,ev->bnv", x, w_lm, preferred_element_type=jnp.float32)
+        return logits, kv_cache.advance(cache, tuple(layers), positions)
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: kv_cache.KVCache,
+    *,
+    logits_index: jax.Array | None = None,
+    attention_impl: str = "auto",
+) -> tuple[jax.Array, kv_cache.KVCache]:
+    """Runs the model over new tokens, writing their keys/values into the cache.
+
+    Args:
+      params: the parameter pytree (`init_params`, `ollm_jax.load`).
+      cfg: the model config (hashable; static under jit).
+      tokens: [B, T] int32 token ids.
+      positions: [B, T] int32 absolute positions; -1 marks padding.
+      cache: the KV cache (`kv_cache.create`).
+      logits_index: optional [B, N] indices into T; logits only for those tokens.
+      attention_impl: passed to `ollm_jax.attention.attend`.
+    Returns:
+      logits [B, T or N, V] float32, and the updated cache.
+    """
+    return Transformer(cfg, attention_impl).apply({"params": params}, tokens, positions, cache, logits_index)
+
+
+def _init_boxed(cfg: ModelConfig, key: jax.Array):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    cache = kv_cache.create(cfg, batch=1, max_len=1)
+    return Transformer(cfg).init(key, tokens, tokens, cache)["params"]
+
+
+def param_specs(cfg: ModelConfig) -> Params:
+    """The shape/dtype of every weight: a pytree of `jax.ShapeDtypeStruct`."""
+    boxed = jax.eval_shape(functools.partial(_init_boxed, cfg), jax.random.key(0))
+    return nn.meta.unbox(boxed)
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+    """The logical axis names of every weight: a pytree of `PartitionSpec`s."""
+    boxed = jax.eval_shape(functools.partial(_init_boxed, cfg), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Random weights (normal(0.02) matrices, unit norms, zero biases)."""
+    return nn.meta.unbox(_init_boxed(cfg, key))
+
+
+def num_params(params: Params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def param_bytes(params: Params) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
