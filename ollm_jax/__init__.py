@@ -1,7 +1,7 @@
 """ollm-jax: a functional JAX inference engine for long-context LLMs on small GPUs."""
 
 from ollm_jax.config import ModelConfig, UnsupportedConfigError
-from ollm_jax.generate import generate
+from ollm_jax.generation import generate
 from ollm_jax.model import forward, init_params, param_specs
 from ollm_jax.sampling import SamplingParams
 

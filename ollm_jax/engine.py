@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ollm_jax import generate as gen
+from ollm_jax import generation as gen
 from ollm_jax.checkpoint import Model
 from ollm_jax.sampling import SamplingParams
 

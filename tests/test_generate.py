@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ollm_jax import generate
-from ollm_jax.generate import PAD_ID
+from ollm_jax.generation import PAD_ID
 from ollm_jax.sampling import SamplingParams, processed_logits
 
 PROMPTS = [[1, 5, 9, 23, 40, 7, 3], [1, 60], [1, 11, 12, 13, 14]]
