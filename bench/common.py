@@ -9,6 +9,7 @@ importing it imports jax.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -35,8 +36,9 @@ def torch_cuda():
 
 
 def _version(name: str) -> str | None:
+    """The installed version, read from package metadata (importing torch would touch the GPU)."""
     try:
-        return __import__(name).__version__
+        return importlib.metadata.version(name)
     except Exception:
         return None
 
@@ -58,7 +60,9 @@ def _git_revision() -> str | None:
 def environment() -> dict[str, Any]:
     """Facts about this run: card, versions, date, command line, relevant env vars."""
     dev = jax.devices()[0]
-    torch = torch_cuda()
+    # Only a process that already uses torch asks it for the card's name: our timed runs
+    # keep torch (and its CUDA context) out of the process.
+    torch = torch_cuda() if "torch" in sys.modules else None
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python3"] + [shlex.quote(a) for a in sys.argv]),

@@ -40,6 +40,7 @@ sys.path.insert(0, REPO)
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
 import traceback  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -150,6 +151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSON file for the results (rewritten after every row); a directory (e.g. "
                         "bench/results/) names the file <date>-<card>-decode.json inside it")
     p.add_argument("--tiny", action="store_true", help="tiny config on any device (smoke test)")
+    p.add_argument("--hf-only", metavar="JSON", default=None,
+                   help="internal: run only torch copy_ and HF, write them to JSON (the parent run starts "
+                        "this in a child process so torch never shares a process with our timed decode)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.tiny:
@@ -320,6 +324,61 @@ def table(rows: list[dict[str, Any]]) -> str:
     return common.format_table(headers, out)
 
 
+def hf_only(args) -> int:
+    """Child-process mode: torch copy_ bandwidth and HF static-cache decode, written to JSON."""
+    torch = common.torch_cuda()
+    out: dict[str, Any] = {"torch_Bps": None, "hf": {}, "skipped": None}
+    if torch is None:
+        out["skipped"] = "torch with CUDA is not available"
+    else:
+        try:
+            import transformers  # noqa: F401
+        except Exception as e:
+            out["skipped"] = f"transformers import failed: {e!r}"
+    if out["skipped"] is None:
+        out["torch_Bps"] = common.torch_copy_bandwidth(int(args.copy_gib * 2**30))
+        for name in args.models:
+            cfg = ModelConfig.from_hf(HF_CONFIGS[name], dtype="bfloat16")
+            hf = None
+            try:
+                t_build, hf = common.timed(lambda: hf_model(torch, HF_CONFIGS[name]))
+                print(f"  HF {name} model built on the GPU in {t_build:.1f} s")
+                for batch in [b for b in args.batch if b in args.hf_batch]:
+                    try:
+                        out["hf"][f"{name}/{batch}"] = bench_hf(torch, hf, cfg, args, batch)
+                    except Exception as e:
+                        traceback.print_exc()
+                        out["hf"][f"{name}/{batch}"] = {"error": repr(e)}
+            except Exception as e:
+                traceback.print_exc()
+                for batch in args.hf_batch:
+                    out["hf"][f"{name}/{batch}"] = {"error": f"building the HF model failed: {e!r}"}
+            finally:
+                del hf
+                free_torch(torch)
+    common.save_json(args.hf_only, out)
+    return 0
+
+
+def hf_in_child(args) -> tuple[dict[str, Any], float | None, str | None]:
+    """Runs `--hf-only` in a child process (same arguments) and reads its results."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "hf.json")
+        argv = [a for a in sys.argv[1:]]
+        if "--out" in argv:  # the child writes only its own JSON
+            i = argv.index("--out")
+            del argv[i : i + 2]
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--hf-only", path])
+        if proc.returncode != 0 or not os.path.exists(path):
+            return {}, None, f"the HF child process failed (exit {proc.returncode})"
+        with open(path) as f:
+            child = json.load(f)
+    return child["hf"], child["torch_Bps"], child["skipped"]
+
+
 def main(argv=None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # a run killed by a time limit keeps its printed rows
     args = parse_args(argv)
@@ -329,22 +388,16 @@ def main(argv=None) -> int:
         print("WARNING     jax runs on the CPU: real model shapes will take very long (use --tiny)")
     out_path = output_path(args.out, env, args.models)
 
-    torch = None if args.no_hf else common.torch_cuda()
-    if args.no_hf:
-        hf_reason = "--no-hf"
-    elif torch is None:
-        hf_reason = "torch with CUDA is not available"
-    else:
-        hf_reason = None
-        try:
-            import transformers  # noqa: F401
-        except Exception as e:
-            hf_reason, torch = f"transformers import failed: {e!r}", None
+    if args.hf_only:
+        return hf_only(args)
+    hf_done, torch_bw, hf_reason = ({}, None, "--no-hf") if args.no_hf else hf_in_child(args)
     if hf_reason:
         print(f"HF          skipped ({hf_reason})")
 
-    copy = common.copy_bandwidth(int(args.copy_gib * 2**30))
-    bandwidth = copy["used_Bps"]
+    jax_bw = common.jax_copy_bandwidth(int(args.copy_gib * 2**30))
+    bandwidth, source = (torch_bw, "torch copy_") if torch_bw and torch_bw > jax_bw else (jax_bw, "jax x+1")
+    copy = {"buffer_bytes": int(args.copy_gib * 2**30), "jax_Bps": jax_bw, "torch_Bps": torch_bw,
+            "used_Bps": bandwidth, "source": source}
     print(f"copy BW     jax x+1 {copy['jax_Bps'] / 1e9:,.0f} GB/s; torch copy_ "
           f"{fmt(copy['torch_Bps'] and copy['torch_Bps'] / 1e9, ',.0f')} GB/s; using {bandwidth / 1e9:,.0f} GB/s "
           f"({copy['source']}, {args.copy_gib:g} GiB buffer, read + write)")
@@ -389,40 +442,24 @@ def main(argv=None) -> int:
             result["rows"].append(row)
             save()
 
-        # Free our weights before torch allocates its own copy of the model.
         del params
         gc.collect()
-
-        hf_batches = [b for b in args.batch if b in args.hf_batch]
-        if torch is not None and hf_batches:
-            hf = None
-            try:
-                t_build, hf = common.timed(lambda: hf_model(torch, hf_config))
-                print(f"  HF model built on the GPU in {t_build:.1f} s")
-                for batch in hf_batches:
-                    row = rows[batch]
-                    try:
-                        row["hf"] = bench_hf(torch, hf, cfg, args, batch)
-                        derived(row, "hf", bandwidth)
-                        h = row["hf"]
-                        ours_ms = (row["ours"] or {}).get("ms_per_step")
-                        if ours_ms and h["ms_per_step"] > 0:
-                            row["speedup_vs_hf"] = h["ms_per_step"] / ours_ms
-                        print(f"  HF   B={batch:<3d} {h['ms_per_step']:.3f} ms/step  {fmt(h['tok_per_s'], ',.0f')} "
-                              f"tok/s  {fmt(h['pct_roofline'], '.1f')}% of roofline  compiled={h['compiled']}  "
-                              f"(warm-up {sum(h['warmup_s']):.1f} s)")
-                    except Exception as e:
-                        traceback.print_exc()
-                        row["hf"] = {"error": repr(e)}
-                    save()
-            except Exception as e:
-                traceback.print_exc()
-                for batch in hf_batches:
-                    rows[batch]["hf"] = {"error": f"building the HF model failed: {e!r}"}
-                save()
-            finally:
-                del hf
-                free_torch(torch)
+        for batch, row in rows.items():
+            h = hf_done.get(f"{name}/{batch}")
+            if h is None:
+                continue
+            row["hf"] = h
+            if "error" in h:
+                print(f"  HF   B={batch:<3d} failed: {h['error']}")
+                continue
+            derived(row, "hf", bandwidth)
+            ours_ms = (row["ours"] or {}).get("ms_per_step")
+            if ours_ms and h["ms_per_step"] > 0:
+                row["speedup_vs_hf"] = h["ms_per_step"] / ours_ms
+            print(f"  HF   B={batch:<3d} {h['ms_per_step']:.3f} ms/step  {fmt(h['tok_per_s'], ',.0f')} "
+                  f"tok/s  {fmt(h['pct_roofline'], '.1f')}% of roofline  compiled={h['compiled']}  "
+                  f"(warm-up {sum(h['warmup_s']):.1f} s, run in a child process)")
+        save()
 
     print(f"\nDecode, prompt {args.prompt_len}, {args.new_tokens} new tokens, random bf16 weights, "
           f"card {env['jax_device_kind']}, copy bandwidth {bandwidth / 1e9:,.0f} GB/s ({copy['source']}), "

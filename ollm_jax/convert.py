@@ -431,7 +431,10 @@ def _gguf_tokenizer(reader, path: str):
         return None
     import transformers
     from tokenizers import pre_tokenizers, processors
-    from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    try:  # transformers moved its GGUF helpers from integrations.ggml to integrations.gguf
+        from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError:
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     arch = _gguf_value(reader, "general.architecture")
     sections = {
