@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -24,11 +25,11 @@ def _sampling_kwargs(args) -> dict:
     )
 
 
-def _print_stats(c, out=sys.stderr) -> None:
+def _print_stats(c) -> None:
     print(
         f"\n[{c.prompt_tokens} prompt tokens, {len(c.tokens)} new tokens ({c.finish_reason}); "
         f"prefill {c.prefill_s:.2f} s incl. compilation; decode {c.tokens_per_s:.1f} tokens/s]",
-        file=out,
+        file=sys.stderr,
     )
 
 
@@ -73,6 +74,9 @@ def _generate(args) -> int:
 
 
 def main(argv=None) -> int:
+    # transformers is used for tokenizers and templates only; its "PyTorch was not found"
+    # advice is noise here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = argparse.ArgumentParser(prog="ollm-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
