@@ -149,10 +149,10 @@ def torch_copy_bandwidth(nbytes: int, reps: int = 10) -> float | None:
     return 2 * (nbytes // 2) * 2 / best
 
 
-def copy_bandwidth(nbytes: int) -> dict[str, Any]:
-    """Both copy bandwidths and the one used as the ceiling (the higher)."""
+def copy_bandwidth(nbytes: int, torch_bw: float | None) -> dict[str, Any]:
+    """The jax copy bandwidth measured here, torch's (measured in the HF child process,
+    or None) and the one used as the ceiling (the higher)."""
     jax_bw = jax_copy_bandwidth(nbytes)
-    torch_bw = torch_copy_bandwidth(nbytes)
     used, source = (torch_bw, "torch copy_") if torch_bw and torch_bw > jax_bw else (jax_bw, "jax x+1")
     return {"buffer_bytes": nbytes, "jax_Bps": jax_bw, "torch_Bps": torch_bw, "used_Bps": used, "source": source}
 

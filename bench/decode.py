@@ -394,10 +394,8 @@ def main(argv=None) -> int:
     if hf_reason:
         print(f"HF          skipped ({hf_reason})")
 
-    jax_bw = common.jax_copy_bandwidth(int(args.copy_gib * 2**30))
-    bandwidth, source = (torch_bw, "torch copy_") if torch_bw and torch_bw > jax_bw else (jax_bw, "jax x+1")
-    copy = {"buffer_bytes": int(args.copy_gib * 2**30), "jax_Bps": jax_bw, "torch_Bps": torch_bw,
-            "used_Bps": bandwidth, "source": source}
+    copy = common.copy_bandwidth(int(args.copy_gib * 2**30), torch_bw)
+    bandwidth = copy["used_Bps"]
     print(f"copy BW     jax x+1 {copy['jax_Bps'] / 1e9:,.0f} GB/s; torch copy_ "
           f"{fmt(copy['torch_Bps'] and copy['torch_Bps'] / 1e9, ',.0f')} GB/s; using {bandwidth / 1e9:,.0f} GB/s "
           f"({copy['source']}, {args.copy_gib:g} GiB buffer, read + write)")
