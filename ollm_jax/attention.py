@@ -43,7 +43,7 @@ def attend(
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown attention {impl=}; choose from {IMPLS}")
-    k, v = kv_cache.read(layer)
+    k, v = kv_cache.read(layer, q.dtype)
     return attention_reference(q, k, v, q_positions, sliding_window=sliding_window)
 
 

@@ -1,17 +1,37 @@
 """The KV cache: one pytree value passed into the model and returned by it.
 
-This module is the only owner of the cache layout. Model code sees four calls:
+This module is the only owner of the cache layout and its storage formats. Model code
+sees a few calls:
 
   create(cfg, batch, max_len, kv_format)   -> KVCache
-  write(layer, k, v, positions)             -> LayerCache   (append/update)
-  read(layer)                               -> (k, v) for the attention reference
-  advance(cache, positions) / lengths       -> valid tokens per sequence
+  write(layer, k, v, positions)             -> LayerCache   (quantize + append/update)
+  read(layer, dtype)                        -> (k, v) dense, for the attention reference
+  advance(cache, layers, positions)         -> KVCache with lengths grown
+  set_lengths(cache, lengths)               -> roll back/forward without touching data
 
-Quantized (int8/int4) and paged formats are further `LayerCache` types with their own
-`write`/`read`; the attention dispatch (`ollm_jax.attention`) may also read them
-directly. Model code does not change when a format is added.
+The attention dispatch (`ollm_jax.attention`) may also hand a layer's stores to a kernel
+that reads the quantized data directly (`pallas_kernels.flash_decode`).
 
-Dimensions: B batch, S cache slots (max length), T new tokens, K KV heads, D head_dim.
+## Formats
+Each of K and V is held in one *store*:
+
+  Dense(x)               x [B, S, K, D] bf16/fp16/fp32
+  Int8(q, scale)         symmetric, a scale per token per KV head:
+                         x[b,s,k,:] ~= q[b,s,k,:] * scale[b,s,k];  q int8 [B, S, K, D],
+                         scale fp16 [B, S, K]
+  Int4(q, scale, zero)   asymmetric, a scale and zero point per group of `group`
+                         consecutive channels of one token and head; two values a byte:
+                         the low nibble of q[..., j] is channel j, the high nibble channel
+                         j + D/2 (the two halves of head_dim), so q is uint8 [B, S, K, D/2];
+                         x[..., d] ~= n[..., d] * scale[..., d // group] + zero[..., d // group]
+                         with n in [0, 15]; scale, zero fp16 [B, S, K, D / group]
+
+`kv_format` names: "bf16", "fp16", "fp32" (dense), "int8", "int4", "k8v4" (keys int8,
+values int4), "k4v8"; int4 sides take a group suffix "-g32", "-g64" or "-g128" (default
+64, at most head_dim), e.g. "int4-g128" or "k8v4-g32".
+
+Dimensions: B batch, S cache slots (max length), T new tokens, K KV heads, D head_dim,
+N = D / group quantization groups per token and head.
 
 Positions convention: `positions[b, t]` is the absolute position of new token t of
 sequence b, or -1 for padding. Padding is never written and never counts in `lengths`.
@@ -19,21 +39,180 @@ sequence b, or -1 for padding. Padding is never written and never counts in `len
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from ollm_jax.config import ModelConfig
 
-KV_FORMATS = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp16": jnp.float16}
+DENSE_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
+QUANTIZED = ("int8", "int4")
+MIXED = {"k8v4": ("int8", "int4"), "k4v8": ("int4", "int8")}
+KV_FORMATS = (*DENSE_DTYPES, *QUANTIZED, *MIXED)
+INT4_GROUPS = (32, 64, 128)
+DEFAULT_INT4_GROUP = 64
+SCALE_DTYPE = jnp.float16  # scales and zero points: fp16 keeps int8 at 1.94x even for D=64
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+@dataclasses.dataclass(frozen=True)
+class KVFormat:
+    """A parsed `kv_format`: the storage of keys and of values (hashable, static)."""
+
+    k: str  # "bf16" | "fp16" | "fp32" | "int8" | "int4"
+    v: str
+    group: int = DEFAULT_INT4_GROUP  # int4 channels per scale/zero (clamped to head_dim)
+
+    @property
+    def quantized(self) -> bool:
+        return self.k in QUANTIZED or self.v in QUANTIZED
+
+
+@functools.lru_cache(maxsize=None)
+def parse_format(kv_format: str) -> KVFormat:
+    """Parses a `kv_format` name (see the module docstring); ValueError names bad ones."""
+    m = re.fullmatch(r"([a-z0-9]+?)(?:-g(\d+))?", kv_format)
+    base, group = (m.group(1), m.group(2)) if m else (kv_format, None)
+    if base not in KV_FORMATS:
+        raise ValueError(f"unsupported {kv_format=}; supported: {', '.join(KV_FORMATS)} (int4 sides take -g32/-g64/-g128)")
+    k, v = MIXED.get(base, (base, base))
+    if group is None:
+        return KVFormat(k, v)
+    if "int4" not in (k, v):
+        raise ValueError(f"{kv_format=}: a group size applies only to formats with an int4 side")
+    if int(group) not in INT4_GROUPS:
+        raise ValueError(f"{kv_format=}: int4 group size {group} not in {INT4_GROUPS}")
+    return KVFormat(k, v, int(group))
+
+
+def resolve_format(cfg: ModelConfig, kv_format: str | None) -> str:
+    """The format name to use; `None` means "the model's own dtype", dense."""
+    if kv_format is None:
+        kv_format = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[cfg.dtype]
+    parse_format(kv_format)  # validates
+    return kv_format
+
+
+# ------------------------------------------------------------------------------ stores
+
+
+@struct.dataclass
+class Dense:
+    x: jax.Array  # [B, S, K, D]
+
+
+@struct.dataclass
+class Int8:
+    q: jax.Array  # [B, S, K, D] int8
+    scale: jax.Array  # [B, S, K] fp16
+
+
+@struct.dataclass
+class Int4:
+    q: jax.Array  # [B, S, K, D/2] uint8: low nibble channel j, high nibble channel j + D/2
+    scale: jax.Array  # [B, S, K, N] fp16
+    zero: jax.Array  # [B, S, K, N] fp16
+
+    @property
+    def group(self) -> int:
+        return 2 * self.q.shape[-1] // self.scale.shape[-1]
+
+
+Store = Dense | Int8 | Int4
+
+
+def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., D] -> (q int8 [..., D], scale fp16 [...]): symmetric, absmax / 127."""
+    x32 = x.astype(jnp.float32)
+    scale = (jnp.max(jnp.abs(x32), axis=-1) / 127.0).astype(SCALE_DTYPE)  # [...]
+    s32 = scale.astype(jnp.float32)[..., None]
+    q = jnp.round(x32 / jnp.where(s32 == 0, 1.0, s32))
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def dequantize_int8(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    return (q.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]).astype(dtype)
+
+
+def quantize_int4(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [..., D] -> (q uint8 [..., D/2], scale, zero fp16 [..., D/group]): asymmetric."""
+    *lead, d = x.shape
+    g = x.astype(jnp.float32).reshape(*lead, d // group, group)  # [..., N, group]
+    lo, hi = jnp.min(g, axis=-1), jnp.max(g, axis=-1)  # [..., N]
+    zero = lo.astype(SCALE_DTYPE)
+    scale = ((hi - lo) / 15.0).astype(SCALE_DTYPE)
+    s32 = scale.astype(jnp.float32)[..., None]
+    n = jnp.round((g - zero.astype(jnp.float32)[..., None]) / jnp.where(s32 == 0, 1.0, s32))
+    n = jnp.clip(n, 0, 15).astype(jnp.uint8).reshape(*lead, d)  # [..., D]
+    packed = n[..., : d // 2] | (n[..., d // 2 :] << 4)  # [..., D/2]
+    return packed, scale, zero
+
+
+def unpack_int4(q: jax.Array) -> jax.Array:
+    """q uint8 [..., D/2] -> nibbles uint8 [..., D] in channel order."""
+    return jnp.concatenate([q & 0xF, q >> 4], axis=-1)
+
+
+def dequantize_int4(q: jax.Array, scale: jax.Array, zero: jax.Array, dtype) -> jax.Array:
+    n = unpack_int4(q).astype(jnp.float32)  # [..., D]
+    *lead, d = n.shape
+    groups = scale.shape[-1]
+    n = n.reshape(*lead, groups, d // groups)
+    x = n * scale.astype(jnp.float32)[..., None] + zero.astype(jnp.float32)[..., None]
+    return x.reshape(*lead, d).astype(dtype)
+
+
+def _empty_store(kind: str, shape: tuple[int, ...], group: int) -> Store:
+    """An all-zero store of `kind` for values of `shape` [B, S, K, D]."""
+    *lead, d = shape
+    if kind in DENSE_DTYPES:
+        return Dense(jnp.zeros(shape, DENSE_DTYPES[kind]))
+    if kind == "int8":
+        return Int8(jnp.zeros(shape, jnp.int8), jnp.zeros(lead, SCALE_DTYPE))
+    return Int4(
+        jnp.zeros((*lead, d // 2), jnp.uint8),
+        jnp.zeros((*lead, d // group), SCALE_DTYPE),
+        jnp.zeros((*lead, d // group), SCALE_DTYPE),
+    )
+
+
+def encode(store: Store, x: jax.Array) -> Store:
+    """New values x [B, T, K, D] in the format of `store` (a store of T slots)."""
+    if isinstance(store, Dense):
+        return Dense(x.astype(store.x.dtype))
+    if isinstance(store, Int8):
+        return Int8(*quantize_int8(x))
+    return Int4(*quantize_int4(x, store.group))
+
+
+def decode_store(store: Store, dtype) -> jax.Array:
+    """The store's values as a dense [B, S, K, D] array of `dtype`."""
+    if isinstance(store, Dense):
+        return store.x.astype(dtype)
+    if isinstance(store, Int8):
+        return dequantize_int8(store.q, store.scale, dtype)
+    return dequantize_int4(store.q, store.scale, store.zero, dtype)
+
+
+# ------------------------------------------------------------------------------- cache
 
 
 @struct.dataclass
 class LayerCache:
-    """Contiguous cache of one layer: k and v are [B, S, K, D] in bf16/fp32/fp16."""
+    """One layer's keys and values, each in its own store (see the module docstring)."""
 
-    k: jax.Array
-    v: jax.Array
+    k: Store
+    v: Store
+
+    @property
+    def max_len(self) -> int:
+        return jax.tree.leaves(self.k)[0].shape[1]
 
 
 @struct.dataclass
@@ -43,59 +222,70 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.layers[0].k.shape[1]
+        return self.layers[0].max_len
 
     @property
     def batch(self) -> int:
         return self.lengths.shape[0]
 
 
-def resolve_format(cfg: ModelConfig, kv_format: str | None) -> str:
-    """`None` means "the model's own dtype"."""
-    if kv_format is None:
-        kv_format = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[cfg.dtype]
-    if kv_format not in KV_FORMATS:
-        raise ValueError(f"unsupported {kv_format=}; supported: {', '.join(KV_FORMATS)}")
-    return kv_format
-
-
 def create(cfg: ModelConfig, batch: int, max_len: int, kv_format: str | None = None) -> KVCache:
     """An empty cache of `max_len` slots per sequence (all lengths 0)."""
-    dtype = KV_FORMATS[resolve_format(cfg, kv_format)]
+    fmt = parse_format(resolve_format(cfg, kv_format))
+    group = min(fmt.group, cfg.head_dim)
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # [B, S, K, D]
     layers = tuple(
-        LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)
+        LayerCache(k=_empty_store(fmt.k, shape, group), v=_empty_store(fmt.v, shape, group))
+        for _ in range(cfg.num_layers)
     )
     return KVCache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))
 
 
+def bytes_per_token_per_layer(cfg: ModelConfig, kv_format: str | None = None) -> int:
+    """Bytes one token occupies in one layer's cache, K and V, scales and zeros included.
+
+    Measured on the cache itself: the byte size of a one-slot layer cache.
+    """
+    cache = jax.eval_shape(lambda: create(cfg, 1, 1, kv_format))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache.layers[0]))
+
+
 def bytes_per_token(cfg: ModelConfig, kv_format: str | None = None) -> int:
     """Bytes one token occupies in the cache, over all layers (K and V)."""
-    itemsize = jnp.dtype(KV_FORMATS[resolve_format(cfg, kv_format)]).itemsize
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+    return cfg.num_layers * bytes_per_token_per_layer(cfg, kv_format)
+
+
+def _scatter(store: Store, new: Store, rows: jax.Array, slots: jax.Array) -> Store:
+    """Writes T-slot store `new` into `store` at [rows, slots]; slot S is dropped."""
+    return jax.tree.map(lambda old, x: old.at[rows, slots].set(x, mode="drop"), store, new)
 
 
 def write(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
-    """Stores new keys/values at their positions.
+    """Quantizes (if the format does) and stores new keys/values at their positions.
 
     Args:
-      layer: the layer's cache, k/v [B, S, K, D].
+      layer: the layer's cache.
       k, v: [B, T, K, D] new keys and values (RoPE already applied to k).
       positions: [B, T] int32 absolute positions; -1 marks padding (not written).
     """
-    max_len = layer.k.shape[1]
+    max_len = layer.max_len
     # Padding and positions past the end go to index S, which mode="drop" discards.
     slots = jnp.where((positions >= 0) & (positions < max_len), positions, max_len)  # [B, T]
     rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
     return LayerCache(
-        k=layer.k.at[rows, slots].set(k.astype(layer.k.dtype), mode="drop"),
-        v=layer.v.at[rows, slots].set(v.astype(layer.v.dtype), mode="drop"),
+        k=_scatter(layer.k, encode(layer.k, k), rows, slots),
+        v=_scatter(layer.v, encode(layer.v, v), rows, slots),
     )
 
 
-def read(layer: LayerCache) -> tuple[jax.Array, jax.Array]:
-    """Keys and values as dense [B, S, K, D] arrays (slot s holds position s)."""
-    return layer.k, layer.v
+def read(layer: LayerCache, dtype=None) -> tuple[jax.Array, jax.Array]:
+    """Keys and values as dense [B, S, K, D] arrays (slot s holds position s).
+
+    `dtype` is the dequantized dtype (default: a dense store's own dtype, else bf16).
+    """
+    if dtype is None:
+        dtype = layer.k.x.dtype if isinstance(layer.k, Dense) else jnp.bfloat16
+    return decode_store(layer.k, dtype), decode_store(layer.v, dtype)
 
 
 def advance(cache: KVCache, layers: tuple[LayerCache, ...], positions: jax.Array) -> KVCache:
