@@ -149,6 +149,18 @@ def torch_copy_bandwidth(nbytes: int, reps: int = 10) -> float | None:
     return 2 * (nbytes // 2) * 2 / best
 
 
+def torch_copy_bandwidth_in_child(nbytes: int) -> float | None:
+    """`torch_copy_bandwidth` measured in a child process, so torch's CUDA context never
+    shares the timed process; None where torch has no CUDA (or the child fails)."""
+    code = f"import sys; sys.path.insert(0, {REPO!r}); from bench import common; print(common.torch_copy_bandwidth({nbytes}))"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        value = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "None"
+        return None if value == "None" else float(value)
+    except Exception:
+        return None
+
+
 def copy_bandwidth(nbytes: int, torch_bw: float | None) -> dict[str, Any]:
     """The jax copy bandwidth measured here, torch's (measured in the HF child process,
     or None) and the one used as the ceiling (the higher)."""

@@ -1,9 +1,15 @@
 """The one dispatch point for attention over the KV cache.
 
-`attend` is what model code calls. It chooses an implementation for the cache type,
-the hardware and the pattern; today that is the plain-JAX reference below. Pallas
-kernels (flash prefill, split-K flash decode over quantized KV) plug in here, behind
-the same call, with the reference as their fallback and test oracle.
+`attend` is what model code calls. It chooses an implementation for the step, the cache
+format and the hardware:
+
+  - decode (one query token per sequence): the split-K Pallas flash-decode kernel
+    (`pallas_kernels.flash_decode`), which reads bf16, int8 or int4 K/V directly, on a
+    GPU; the plain-JAX reference on the CPU (or the kernel in interpret mode with
+    impl="pallas", which is how CI tests it);
+  - prefill: the plain-JAX reference below.
+
+The reference is the fallback and the test oracle of every kernel.
 
 Dimensions: B batch, T query tokens, S cache slots, H query heads, K KV heads,
 G = H // K query heads per KV head, D head_dim.
@@ -15,11 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from ollm_jax import kv_cache
+from pallas_kernels import on_gpu
 
 # Finite, so a query with no visible key (padding) gets a uniform average, not NaN.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-IMPLS = ("auto", "xla")
+IMPLS = ("auto", "xla", "pallas")
 
 
 def attend(
@@ -37,14 +44,27 @@ def attend(
       layer: the layer's cache; slot s holds position s.
       q_positions: [B, T] absolute query positions; -1 for padding (output unused).
       sliding_window: a query at p sees keys at p - window < s <= p (Mistral); None = all.
-      impl: "auto" or "xla" (the reference). Kernels join this list.
+      impl: "auto" (kernel on a GPU, reference on the CPU), "xla" (the reference) or
+        "pallas" (the kernel; interpret mode off the GPU).
     Returns:
       [B, T, H, D] in q's dtype.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown attention {impl=}; choose from {IMPLS}")
+    if q.shape[1] == 1 and _use_kernel(impl):
+        from pallas_kernels import flash_decode  # the kernels import this package
+
+        out = flash_decode.flash_decode(
+            q[:, 0], layer.k, layer.v, q_positions[:, 0], sliding_window=sliding_window,
+            interpret=not on_gpu(),
+        )  # [B, H, D]
+        return out[:, None]
     k, v = kv_cache.read(layer, q.dtype)
     return attention_reference(q, k, v, q_positions, sliding_window=sliding_window)
+
+
+def _use_kernel(impl: str) -> bool:
+    return impl == "pallas" or (impl == "auto" and on_gpu())
 
 
 def attention_reference(

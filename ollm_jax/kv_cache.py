@@ -26,9 +26,19 @@ Each of K and V is held in one *store*:
                          x[..., d] ~= n[..., d] * scale[..., d // group] + zero[..., d // group]
                          with n in [0, 15]; scale, zero fp16 [B, S, K, D / group]
 
+  Kivi4(q, scale, zero, residual, flushed)
+                         KIVI-style keys: int4 per *channel*, a scale and zero point per
+                         channel for each group of `group` consecutive tokens; q packed as
+                         in Int4, scale, zero fp16 [B, S/group, K, D]. A token's group can
+                         only be quantized once all its tokens exist, so the most recent
+                         tokens, positions [flushed, flushed + group), stay in full
+                         precision in `residual` [B, group, K, D] (slot p % group) and are
+                         flushed into the quantized store a group at a time.
+
 `kv_format` names: "bf16", "fp16", "fp32" (dense), "int8", "int4", "k8v4" (keys int8,
-values int4), "k4v8"; int4 sides take a group suffix "-g32", "-g64" or "-g128" (default
-64, at most head_dim), e.g. "int4-g128" or "k8v4-g32".
+values int4), "k4v8", and "kivi4" (Kivi4 keys, Int4 values); int4 and kivi4 sides take a
+group suffix "-g32", "-g64" or "-g128" (default 64; an Int4 group is at most head_dim),
+e.g. "int4-g128", "k8v4-g32" or "kivi4-g32".
 
 Dimensions: B batch, S cache slots (max length), T new tokens, K KV heads, D head_dim,
 N = D / group quantization groups per token and head.
@@ -50,9 +60,9 @@ from flax import struct
 from ollm_jax.config import ModelConfig
 
 DENSE_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
-QUANTIZED = ("int8", "int4")
-MIXED = {"k8v4": ("int8", "int4"), "k4v8": ("int4", "int8")}
-KV_FORMATS = (*DENSE_DTYPES, *QUANTIZED, *MIXED)
+QUANTIZED = ("int8", "int4", "kivi4")
+MIXED = {"k8v4": ("int8", "int4"), "k4v8": ("int4", "int8"), "kivi4": ("kivi4", "int4")}
+KV_FORMATS = (*DENSE_DTYPES, "int8", "int4", *MIXED)
 INT4_GROUPS = (32, 64, 128)
 DEFAULT_INT4_GROUP = 64
 SCALE_DTYPE = jnp.float16  # scales and zero points: fp16 keeps int8 at 1.94x even for D=64
@@ -65,9 +75,9 @@ SCALE_DTYPE = jnp.float16  # scales and zero points: fp16 keeps int8 at 1.94x ev
 class KVFormat:
     """A parsed `kv_format`: the storage of keys and of values (hashable, static)."""
 
-    k: str  # "bf16" | "fp16" | "fp32" | "int8" | "int4"
+    k: str  # "bf16" | "fp16" | "fp32" | "int8" | "int4" | "kivi4"
     v: str
-    group: int = DEFAULT_INT4_GROUP  # int4 channels per scale/zero (clamped to head_dim)
+    group: int = DEFAULT_INT4_GROUP  # int4: channels per scale (<= head_dim); kivi4: tokens
 
     @property
     def quantized(self) -> bool:
@@ -84,7 +94,7 @@ def parse_format(kv_format: str) -> KVFormat:
     k, v = MIXED.get(base, (base, base))
     if group is None:
         return KVFormat(k, v)
-    if "int4" not in (k, v):
+    if "int4" not in (k, v) and "kivi4" not in (k, v):
         raise ValueError(f"{kv_format=}: a group size applies only to formats with an int4 side")
     if int(group) not in INT4_GROUPS:
         raise ValueError(f"{kv_format=}: int4 group size {group} not in {INT4_GROUPS}")
@@ -124,7 +134,20 @@ class Int4:
         return 2 * self.q.shape[-1] // self.scale.shape[-1]
 
 
-Store = Dense | Int8 | Int4
+@struct.dataclass
+class Kivi4:
+    q: jax.Array  # [B, S, K, D/2] uint8, packed as Int4; S a multiple of the group
+    scale: jax.Array  # [B, S/group, K, D] fp16: per channel, per group of tokens
+    zero: jax.Array  # [B, S/group, K, D] fp16
+    residual: jax.Array  # [B, group, K, D] full precision: positions [flushed, flushed + group)
+    flushed: jax.Array  # [B] int32: positions < flushed are in the quantized store
+
+    @property
+    def group(self) -> int:
+        return self.residual.shape[1]
+
+
+Store = Dense | Int8 | Int4 | Kivi4
 
 
 def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -168,9 +191,20 @@ def dequantize_int4(q: jax.Array, scale: jax.Array, zero: jax.Array, dtype) -> j
     return x.reshape(*lead, d).astype(dtype)
 
 
-def _empty_store(kind: str, shape: tuple[int, ...], group: int) -> Store:
-    """An all-zero store of `kind` for values of `shape` [B, S, K, D]."""
+def _empty_store(kind: str, shape: tuple[int, ...], group: int, dtype=jnp.bfloat16) -> Store:
+    """An all-zero store of `kind` for values of `shape` [B, S, K, D]; `dtype` is the
+    full-precision dtype (Kivi4's residual)."""
     *lead, d = shape
+    if kind == "kivi4":
+        b, s, k, _ = shape
+        return Kivi4(
+            jnp.zeros((b, s, k, d // 2), jnp.uint8),
+            jnp.zeros((b, s // group, k, d), SCALE_DTYPE),
+            jnp.zeros((b, s // group, k, d), SCALE_DTYPE),
+            jnp.zeros((b, group, k, d), dtype),
+            jnp.zeros((b,), jnp.int32),
+        )
+    group = min(group, d)
     if kind in DENSE_DTYPES:
         return Dense(jnp.zeros(shape, DENSE_DTYPES[kind]))
     if kind == "int8":
@@ -197,7 +231,77 @@ def decode_store(store: Store, dtype) -> jax.Array:
         return store.x.astype(dtype)
     if isinstance(store, Int8):
         return dequantize_int8(store.q, store.scale, dtype)
-    return dequantize_int4(store.q, store.scale, store.zero, dtype)
+    if isinstance(store, Int4):
+        return dequantize_int4(store.q, store.scale, store.zero, dtype)
+    return _kivi_decode(store, dtype)
+
+
+def _kivi_dequantize(store: Kivi4, dtype) -> jax.Array:
+    """The quantized part of a Kivi4 store, all S slots: [B, S, K, D]."""
+    g = store.group
+    scale = jnp.repeat(store.scale.astype(jnp.float32), g, axis=1)  # [B, S, K, D]
+    zero = jnp.repeat(store.zero.astype(jnp.float32), g, axis=1)
+    return (unpack_int4(store.q).astype(jnp.float32) * scale + zero).astype(dtype)
+
+
+def _kivi_decode(store: Kivi4, dtype) -> jax.Array:
+    s = store.q.shape[1]
+    pos = jnp.arange(s)[None, :]  # [1, S]
+    in_residual = (pos >= store.flushed[:, None]) & (pos < store.flushed[:, None] + store.group)  # [B, S]
+    residual = jnp.take(store.residual, pos[0] % store.group, axis=1).astype(dtype)  # [B, S, K, D]
+    return jnp.where(in_residual[:, :, None, None], residual, _kivi_dequantize(store, dtype))
+
+
+def _kivi_write(store: Kivi4, x: jax.Array, positions: jax.Array) -> Kivi4:
+    """Appends x [B, T, K, D] at positions start + t (t < count; the rest -1) of each row.
+
+    The tokens of the group holding `start` that precede it (from the residual, or from
+    the quantized store after a roll-back) and the new tokens form a window of whole
+    groups; complete groups are quantized per channel and stored, the last incomplete
+    group becomes the residual.
+    """
+    b, t, _, _ = x.shape
+    g, s = store.group, store.q.shape[1]
+    count = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)  # [B]
+    start = jnp.where(count > 0, positions[:, 0], store.flushed)  # [B]
+    base = (start // g) * g  # [B] first position of the window
+    width = -(-(g + t) // g) * g  # W, whole groups covering [base, start + T)
+    w_pos = base[:, None] + jnp.arange(width)[None, :]  # [B, W]
+    rows = jnp.arange(b)[:, None]
+
+    new_idx = w_pos - start[:, None]
+    from_new = (new_idx >= 0) & (new_idx < count[:, None])  # [B, W]
+    new_vals = x[rows, jnp.clip(new_idx, 0, t - 1)].astype(jnp.float32)  # [B, W, K, D]
+    from_res = (w_pos >= store.flushed[:, None]) & ~from_new
+    res_vals = store.residual[rows, w_pos % g].astype(jnp.float32)
+    stored = _kivi_dequantize(store, jnp.float32)[rows, jnp.clip(w_pos, 0, s - 1)]  # roll-back case
+    window = jnp.where(from_new[..., None, None], new_vals, jnp.where(from_res[..., None, None], res_vals, stored))
+
+    *_, k, d = window.shape
+    groups = window.reshape(b, width // g, g, k, d)  # [B, W/g, g, K, D]
+    lo, hi = jnp.min(groups, axis=2), jnp.max(groups, axis=2)  # [B, W/g, K, D]
+    zero = lo.astype(SCALE_DTYPE)
+    scale = ((hi - lo) / 15.0).astype(SCALE_DTYPE)
+    s32 = scale.astype(jnp.float32)[:, :, None]
+    n = jnp.round((groups - zero.astype(jnp.float32)[:, :, None]) / jnp.where(s32 == 0, 1.0, s32))
+    n = jnp.clip(n, 0, 15).astype(jnp.uint8).reshape(b, width, k, d)
+    packed = n[..., : d // 2] | (n[..., d // 2 :] << 4)  # [B, W, K, D/2]
+
+    new_len = start + count  # [B]
+    flushed = (new_len // g) * g
+    group_end = base[:, None] + g * (jnp.arange(width // g)[None, :] + 1)  # [B, W/g]
+    complete = group_end <= new_len[:, None]
+    tok_slots = jnp.where(jnp.repeat(complete, g, axis=1) & (w_pos < s), w_pos, s)  # drop the rest
+    grp_slots = jnp.where(complete, group_end // g - 1, s // g)
+    keep = count == 0  # rows with nothing to write keep their residual
+    residual = jnp.take_along_axis(groups, ((flushed - base) // g)[:, None, None, None, None], axis=1)[:, 0]
+    return Kivi4(
+        q=store.q.at[rows, tok_slots].set(packed, mode="drop"),
+        scale=store.scale.at[rows, grp_slots].set(scale, mode="drop"),
+        zero=store.zero.at[rows, grp_slots].set(zero, mode="drop"),
+        residual=jnp.where(keep[:, None, None, None], store.residual, residual.astype(store.residual.dtype)),
+        flushed=jnp.where(keep, store.flushed, flushed),
+    )
 
 
 # ------------------------------------------------------------------------------- cache
@@ -232,10 +336,12 @@ class KVCache:
 def create(cfg: ModelConfig, batch: int, max_len: int, kv_format: str | None = None) -> KVCache:
     """An empty cache of `max_len` slots per sequence (all lengths 0)."""
     fmt = parse_format(resolve_format(cfg, kv_format))
-    group = min(fmt.group, cfg.head_dim)
+    if "kivi4" in (fmt.k, fmt.v):  # whole token groups
+        max_len = -(-max_len // fmt.group) * fmt.group
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # [B, S, K, D]
+    dtype = jnp.dtype(cfg.dtype)
     layers = tuple(
-        LayerCache(k=_empty_store(fmt.k, shape, group), v=_empty_store(fmt.v, shape, group))
+        LayerCache(k=_empty_store(fmt.k, shape, fmt.group, dtype), v=_empty_store(fmt.v, shape, fmt.group, dtype))
         for _ in range(cfg.num_layers)
     )
     return KVCache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))
@@ -255,9 +361,15 @@ def bytes_per_token(cfg: ModelConfig, kv_format: str | None = None) -> int:
     return cfg.num_layers * bytes_per_token_per_layer(cfg, kv_format)
 
 
-def _scatter(store: Store, new: Store, rows: jax.Array, slots: jax.Array) -> Store:
-    """Writes T-slot store `new` into `store` at [rows, slots]; slot S is dropped."""
-    return jax.tree.map(lambda old, x: old.at[rows, slots].set(x, mode="drop"), store, new)
+def _write_store(store: Store, x: jax.Array, positions: jax.Array) -> Store:
+    """Encodes x [B, T, K, D] and writes it at [row, position]; padding is dropped."""
+    if isinstance(store, Kivi4):
+        return _kivi_write(store, x, positions)
+    max_len = jax.tree.leaves(store)[0].shape[1]
+    # Padding and positions past the end go to index S, which mode="drop" discards.
+    slots = jnp.where((positions >= 0) & (positions < max_len), positions, max_len)  # [B, T]
+    rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
+    return jax.tree.map(lambda old, new: old.at[rows, slots].set(new, mode="drop"), store, encode(store, x))
 
 
 def write(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
@@ -266,16 +378,11 @@ def write(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -
     Args:
       layer: the layer's cache.
       k, v: [B, T, K, D] new keys and values (RoPE already applied to k).
-      positions: [B, T] int32 absolute positions; -1 marks padding (not written).
+      positions: [B, T] int32 absolute positions; -1 marks padding (not written). A
+        kivi4 store (and the GPU append kernel) needs each row's valid positions to be
+        consecutive and first: start, start + 1, ..., then -1s (as prefill and decode do).
     """
-    max_len = layer.max_len
-    # Padding and positions past the end go to index S, which mode="drop" discards.
-    slots = jnp.where((positions >= 0) & (positions < max_len), positions, max_len)  # [B, T]
-    rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
-    return LayerCache(
-        k=_scatter(layer.k, encode(layer.k, k), rows, slots),
-        v=_scatter(layer.v, encode(layer.v, v), rows, slots),
-    )
+    return LayerCache(k=_write_store(layer.k, k, positions), v=_write_store(layer.v, v, positions))
 
 
 def read(layer: LayerCache, dtype=None) -> tuple[jax.Array, jax.Array]:
