@@ -53,19 +53,23 @@ _RINT_MAGIC_BITS = int(_RINT_MAGIC.view(np.int32))
 DEFAULT_BLOCK_ELEMS = 8192  # block_t * D of new values per program, by default
 
 
-def _rint(y: jax.Array) -> jax.Array:
-    """Round half to even (= jnp.round) to int32, for |y| < 2^22 (quantized values are).
+def _rint(y: jax.Array, gpu: bool) -> jax.Array:
+    """Round half to even (= jnp.round), to int32; |y| < 2^22 (quantized values are).
 
-    y + 1.5 * 2^23 lands where the f32 spacing is 1, so the add rounds y half-even and
-    the low mantissa bits hold the result. Through a bitcast, because XLA folds the float
-    form (y + M) - M back to y.
+    The Triton lowering has no `round`: on the GPU, y + 1.5 * 2^23 lands where the f32
+    spacing is 1, so the add itself rounds y half-even and the low mantissa bits hold the
+    result (read through a bitcast; y comes from the opaque inline division, so nothing
+    fuses it into an FMA). In interpret mode XLA's CPU backend would fold (y + M) - M and
+    contract a preceding multiply into the add, so there it is `jnp.round`.
     """
+    if not gpu:
+        return jnp.round(y).astype(jnp.int32)
     return lax.bitcast_convert_type(y + _RINT_MAGIC, jnp.int32) - _RINT_MAGIC_BITS
 
 
-def _div(a: jax.Array, b: jax.Array, ieee: bool) -> jax.Array:
+def _div(a: jax.Array, b: jax.Array, gpu: bool) -> jax.Array:
     """a / b (f32, same shape): `div.rn.f32` inline on the GPU, plain `/` in interpret."""
-    if not ieee:
+    if not gpu:
         return a / b
     [q] = plt.elementwise_inline_asm(
         "div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=f,f,f", pack=1,
@@ -81,18 +85,18 @@ def _int4_half(h: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
     return jnp.min(g, axis=2), jnp.max(g, axis=2)
 
 
-def _int4_nibbles(h, zero, scale, c: int, ieee: bool) -> jax.Array:
+def _int4_nibbles(h, zero, scale, c: int, gpu: bool) -> jax.Array:
     """h [R, H] f32, zero/scale [R, G] fp16 -> nibbles [R, H] int32 in [0, 15]."""
     r, w = h.shape
     g = h.reshape(r, w // c, c)  # [R, G, C]
     s32 = scale.astype(jnp.float32)
     den = jnp.where(s32 == 0, 1.0, s32)  # [R, G]
-    y = _div(g - zero.astype(jnp.float32)[:, :, None], jnp.broadcast_to(den[:, :, None], g.shape), ieee)
-    n = jnp.clip(_rint(y), 0, 15)  # [R, G, C] int32
+    y = _div(g - zero.astype(jnp.float32)[:, :, None], jnp.broadcast_to(den[:, :, None], g.shape), gpu)
+    n = jnp.clip(_rint(y, gpu), 0, 15)  # [R, G, C] int32
     return n.reshape(r, w)
 
 
-def _kernel(start_ref, count_ref, x_ref, *refs, fmt: str, block_t: int, group: int, ieee: bool):
+def _kernel(start_ref, count_ref, x_ref, *refs, fmt: str, block_t: int, group: int, gpu: bool):
     # start_ref, count_ref: [B] int32 (whole arrays)
     # x_ref: [B, T, K, D] new values (whole array)
     # refs: the store's input buffers (aliased, unused) then the same buffers as outputs:
@@ -128,7 +132,7 @@ def _kernel(start_ref, count_ref, x_ref, *refs, fmt: str, block_t: int, group: i
             scale = (jnp.max(jnp.abs(x), axis=1) * _INV127).astype(SCALE_DTYPE)  # [R]
             s32 = scale.astype(jnp.float32)
             den = jnp.where(s32 == 0, 1.0, s32)  # [R]
-            q = jnp.clip(_rint(_div(x, jnp.broadcast_to(den[:, None], x.shape), ieee)), -127, 127)
+            q = jnp.clip(_rint(_div(x, jnp.broadcast_to(den[:, None], x.shape), gpu), gpu), -127, 127)
             put(q_out, 0, d, q)  # [R, D] int32 -> int8
             plt.store(scale_out.at[b, pl.ds(p0, block_t), k], scale, mask=valid)  # [R]
         else:
@@ -136,24 +140,20 @@ def _kernel(start_ref, count_ref, x_ref, *refs, fmt: str, block_t: int, group: i
             h = d // 2
             c = min(group, h)
             lo, hi = load(0, h), load(h, h)  # [R, H]: channels j and j + H
-            lo_min, lo_max = _int4_half(lo, c)  # [R, G]
-            hi_min, hi_max = _int4_half(hi, c)
-            if group > h:  # one group spans both halves (group == D)
-                lo_min = hi_min = jnp.minimum(lo_min, hi_min)  # [R, 1]
-                lo_max = hi_max = jnp.maximum(lo_max, hi_max)
-            halves = [(lo_min, lo_max)] if group > h else [(lo_min, lo_max), (hi_min, hi_max)]
-            stats = []
-            for j, (mn, mx) in enumerate(halves):
+            stats = [_int4_half(lo, c), _int4_half(hi, c)]  # (min, max) [R, G] per half
+            if group > h:  # one group spans both halves (group == D): [R, 1]
+                both = (jnp.minimum(stats[0][0], stats[1][0]), jnp.maximum(stats[0][1], stats[1][1]))
+                stats = [both, both]
+            nibbles = []
+            for j, (half, (mn, mx)) in enumerate(zip((lo, hi), stats)):
                 zero = mn.astype(SCALE_DTYPE)  # [R, G]
                 scale = ((mx - mn) * _INV15).astype(SCALE_DTYPE)
                 n_groups = zero.shape[1]
-                put(zero_out, j * n_groups, n_groups, zero)
-                put(scale_out, j * n_groups, n_groups, scale)
-                stats.append((zero, scale))
-            (zero_lo, scale_lo), (zero_hi, scale_hi) = stats[0], stats[-1]
-            n_lo = _int4_nibbles(lo, zero_lo, scale_lo, c, ieee)  # [R, H]
-            n_hi = _int4_nibbles(hi, zero_hi, scale_hi, c, ieee)
-            put(q_out, 0, h, n_lo | (n_hi << 4))  # [R, H] -> uint8
+                if j == 0 or group <= h:  # a group shared by both halves is stored once
+                    put(zero_out, j * n_groups, n_groups, zero)
+                    put(scale_out, j * n_groups, n_groups, scale)
+                nibbles.append(_int4_nibbles(half, zero, scale, c, gpu))  # [R, H] int32
+            put(q_out, 0, h, nibbles[0] | (nibbles[1] << 4))  # [R, H] -> uint8
 
 
 def _leaves(store) -> tuple[str, tuple[jax.Array, ...]]:
@@ -182,10 +182,10 @@ def _check(store, x, start, count, block_t):
     sb, _, sk = leaves[0].shape[:3]
     sd = store.x.shape[3] if fmt == "dense" else store.q.shape[3] * (2 if fmt == "int4" else 1)
     if (sb, sk, sd) != (b, k, d):
-        raise ValueError(f"x {x.shape=} does not match the store's [B, S, K, D] = {(sb, leaves[0].shape[1], sk, sd)}")
+        raise ValueError(f"{x.shape=} does not match the store's [B, S, K, D] = {(sb, leaves[0].shape[1], sk, sd)}")
     if start.shape != (b,) or count.shape != (b,):
         raise ValueError(f"start and count must be [B] = [{b}], got {start.shape=} {count.shape=}")
-    if not _pow2(d) or (fmt == "int4" and d < 2):
+    if not _pow2(d) or (fmt == "int4" and d < 2):  # int4 needs two halves
         raise ValueError(f"head_dim {d=} must be a power of 2 for the Triton lowering")
     if fmt == "int4" and not _pow2(store.group):
         raise ValueError(f"int4 group {store.group=} must be a power of 2")
@@ -230,7 +230,7 @@ def quantize_append(
     block_t = min(block_t, pl.next_power_of_2(t))
     group = store.group if fmt == "int4" else 0
     count = jnp.clip(count.astype(jnp.int32), 0, t)
-    kernel = functools.partial(_kernel, fmt=fmt, block_t=block_t, group=group, ieee=not interpret)
+    kernel = functools.partial(_kernel, fmt=fmt, block_t=block_t, group=group, gpu=not interpret)
     n_in = 3  # start, count, x
     out = pl.pallas_call(
         kernel,
