@@ -191,7 +191,7 @@ def dequantize_int4(q: jax.Array, scale: jax.Array, zero: jax.Array, dtype) -> j
     return x.reshape(*lead, d).astype(dtype)
 
 
-def _empty_store(kind: str, shape: tuple[int, ...], group: int, dtype=jnp.bfloat16) -> Store:
+def empty_store(kind: str, shape: tuple[int, ...], group: int, dtype=jnp.bfloat16) -> Store:
     """An all-zero store of `kind` for values of `shape` [B, S, K, D]; `dtype` is the
     full-precision dtype (Kivi4's residual)."""
     *lead, d = shape
@@ -341,7 +341,7 @@ def create(cfg: ModelConfig, batch: int, max_len: int, kv_format: str | None = N
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # [B, S, K, D]
     dtype = jnp.dtype(cfg.dtype)
     layers = tuple(
-        LayerCache(k=_empty_store(fmt.k, shape, fmt.group, dtype), v=_empty_store(fmt.v, shape, fmt.group, dtype))
+        LayerCache(k=empty_store(fmt.k, shape, fmt.group, dtype), v=empty_store(fmt.v, shape, fmt.group, dtype))
         for _ in range(cfg.num_layers)
     )
     return KVCache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))

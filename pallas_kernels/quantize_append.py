@@ -268,7 +268,7 @@ def _bench(args):  # pragma: no cover - GPU only
 
     def empty(fmt, shape):
         kind, group = (fmt.split("-g") + ["64"])[:2]
-        return kv_cache._empty_store(kind, shape, min(int(group), shape[-1]))
+        return kv_cache.empty_store(kind, shape, min(int(group), shape[-1]))
 
     def loop_of(fn, inner):
         def body(_, carry):  # the barrier keeps XLA from hoisting the loop-invariant encode(x)

@@ -100,7 +100,7 @@ def test_write_read_matches_quantized_values(fmt):
 
 def test_kivi_flushes_whole_groups_and_keeps_the_rest_exact():
     g = 8
-    store = kv_cache._empty_store("kivi4", (2, 32, 2, 16), g, jnp.float32)
+    store = kv_cache.empty_store("kivi4", (2, 32, 2, 16), g, jnp.float32)
     x = jax.random.normal(jax.random.key(4), (2, 27, 2, 16), jnp.float32)
     lengths = jnp.array([27, 13])
 

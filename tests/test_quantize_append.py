@@ -19,7 +19,7 @@ from tests.lowering import assert_lowers_to_triton
 def _store(kind: str, shape, group: int, seed: int):
     """A store of `kind` ([B, S, K, D] values) filled with random garbage, so that slots
     the kernel must leave alone are distinguishable from zeros."""
-    empty = kv_cache._empty_store(kind, shape, min(group, shape[-1]))
+    empty = kv_cache.empty_store(kind, shape, min(group, shape[-1]))
     rng = np.random.default_rng(seed)
 
     def fill(a):
@@ -141,7 +141,7 @@ LOWERING = [
                          ids=[f"{c[0]}-g{c[1]}-{'x'.join(map(str, c[2]))}" for c in LOWERING])
 def test_lowers_to_triton(kind, group, shape):
     b, t, k, d, s = shape
-    store = jax.eval_shape(lambda: kv_cache._empty_store(kind, (b, s, k, d), min(group or 64, d)))
+    store = jax.eval_shape(lambda: kv_cache.empty_store(kind, (b, s, k, d), min(group or 64, d)))
     leaves, tree = jax.tree.flatten(store)
 
     def fn(x, start, count, *leaves):
