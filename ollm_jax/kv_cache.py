@@ -58,6 +58,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from ollm_jax.config import ModelConfig
+from pallas_kernels import on_gpu
 
 DENSE_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 QUANTIZED = ("int8", "int4", "kivi4")
@@ -361,10 +362,16 @@ def bytes_per_token(cfg: ModelConfig, kv_format: str | None = None) -> int:
     return cfg.num_layers * bytes_per_token_per_layer(cfg, kv_format)
 
 
-def _write_store(store: Store, x: jax.Array, positions: jax.Array) -> Store:
+def _write_store(store: Store, x: jax.Array, positions: jax.Array, impl: str) -> Store:
     """Encodes x [B, T, K, D] and writes it at [row, position]; padding is dropped."""
     if isinstance(store, Kivi4):
         return _kivi_write(store, x, positions)
+    if impl == "pallas" or (impl == "auto" and on_gpu()):
+        from pallas_kernels import quantize_append  # the kernels import this module
+
+        count = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)  # [B]
+        start = jnp.where(count > 0, positions[:, 0], 0)
+        return quantize_append.quantize_append(store, x, start, count, interpret=not on_gpu())
     max_len = jax.tree.leaves(store)[0].shape[1]
     # Padding and positions past the end go to index S, which mode="drop" discards.
     slots = jnp.where((positions >= 0) & (positions < max_len), positions, max_len)  # [B, T]
@@ -372,7 +379,9 @@ def _write_store(store: Store, x: jax.Array, positions: jax.Array) -> Store:
     return jax.tree.map(lambda old, new: old.at[rows, slots].set(new, mode="drop"), store, encode(store, x))
 
 
-def write(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
+def write(
+    layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, *, impl: str = "auto"
+) -> LayerCache:
     """Quantizes (if the format does) and stores new keys/values at their positions.
 
     Args:
@@ -381,8 +390,10 @@ def write(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -
       positions: [B, T] int32 absolute positions; -1 marks padding (not written). A
         kivi4 store (and the GPU append kernel) needs each row's valid positions to be
         consecutive and first: start, start + 1, ..., then -1s (as prefill and decode do).
+      impl: "auto" (the fused Pallas quantize-and-append kernel on a GPU, XLA's scatter
+        on the CPU), "xla" or "pallas" (interpret mode off the GPU).
     """
-    return LayerCache(k=_write_store(layer.k, k, positions), v=_write_store(layer.v, v, positions))
+    return LayerCache(k=_write_store(layer.k, k, positions, impl), v=_write_store(layer.v, v, positions, impl))
 
 
 def read(layer: LayerCache, dtype=None) -> tuple[jax.Array, jax.Array]:

@@ -119,7 +119,7 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, cfg)
         k_new = apply_rope(k_new, positions, cfg)
 
-        layer_cache = kv_cache.write(layer_cache, k_new, v_new, positions)
+        layer_cache = kv_cache.write(layer_cache, k_new, v_new, positions, impl=attention_impl)
         out = attention.attend(
             q, layer_cache, positions, sliding_window=cfg.sliding_window, impl=attention_impl
         )  # [B, T, H, D]
@@ -197,10 +197,12 @@ def forward(
       params: the parameter pytree (`init_params`, `ollm_jax.load`).
       cfg: the model config (hashable; static under jit).
       tokens: [B, T] int32 token ids.
-      positions: [B, T] int32 absolute positions; -1 marks padding.
+      positions: [B, T] int32 absolute positions; -1 marks padding. A row's valid
+        positions are consecutive and come first (start, start + 1, ..., then -1s).
       cache: the KV cache (`kv_cache.create`).
       logits_index: optional [B, N] indices into T; logits only for those tokens.
-      attention_impl: passed to `ollm_jax.attention.attend`.
+      attention_impl: kernels or references: "auto" (Pallas kernels on a GPU), "xla" or
+        "pallas"; passed to `ollm_jax.attention.attend` and `ollm_jax.kv_cache.write`.
     Returns:
       logits [B, T or N, V] float32, and the updated cache.
     """
