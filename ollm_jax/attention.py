@@ -7,7 +7,8 @@ format and the hardware:
     (`pallas_kernels.flash_decode`), which reads bf16, int8 or int4 K/V directly, on a
     GPU; the plain-JAX reference on the CPU (or the kernel in interpret mode with
     impl="pallas", which is how CI tests it);
-  - prefill: the plain-JAX reference below.
+  - prefill: `ollm_jax.router.attention`, which picks cuDNN, the block-sparse Pallas
+    flash kernel or XLA per pattern, length and card (the reference below for "xla").
 
 The reference is the fallback and the test oracle of every kernel.
 
@@ -20,13 +21,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ollm_jax import kv_cache
+from ollm_jax import kv_cache, patterns, router
 from pallas_kernels import on_gpu
 
 # Finite, so a query with no visible key (padding) gets a uniform average, not NaN.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("auto", "xla", "pallas", "cudnn")
 
 
 def attend(
@@ -35,6 +36,8 @@ def attend(
     q_positions: jax.Array,
     *,
     sliding_window: int | None = None,
+    pattern: patterns.Pattern | None = None,
+    q_offset: int | None = None,
     impl: str = "auto",
 ) -> jax.Array:
     """Causal attention of new queries over a layer's cache (already holding their keys).
@@ -42,29 +45,41 @@ def attend(
     Args:
       q: [B, T, H, D] queries, RoPE applied.
       layer: the layer's cache; slot s holds position s.
-      q_positions: [B, T] absolute query positions; -1 for padding (output unused).
+      q_positions: [B, T] absolute query positions, consecutive per row; -1 for padding
+        (output unused).
       sliding_window: a query at p sees keys at p - window < s <= p (Mistral); None = all.
-      impl: "auto" (kernel on a GPU, reference on the CPU), "xla" (the reference) or
-        "pallas" (the kernel; interpret mode off the GPU).
+      pattern: a sparsity pattern (`ollm_jax.patterns`) replacing dense causal / the
+        sliding window, for exploration.
+      q_offset: the position of the first query when it is the same static number for
+        every row (0 for a prefill from an empty cache; lets cuDNN and block tables be
+        used); None takes it from `q_positions`.
+      impl: "auto" (kernels on a GPU, references on the CPU), "xla" (the references),
+        "pallas" (the kernels; interpret mode off the GPU) or "cudnn" (prefill).
     Returns:
       [B, T, H, D] in q's dtype.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown attention {impl=}; choose from {IMPLS}")
-    if q.shape[1] == 1 and _use_kernel(impl):
+    if pattern is None and sliding_window is not None:
+        pattern = patterns.SlidingWindow(sliding_window)
+    contiguous = pattern is None or pattern.contiguous
+    window = None if pattern is None else pattern.contiguous_window
+    if q.shape[1] == 1 and contiguous and (impl == "pallas" or (impl == "auto" and on_gpu())):
         from pallas_kernels import flash_decode  # the kernels import this package
 
         out = flash_decode.flash_decode(
-            q[:, 0], layer.k, layer.v, q_positions[:, 0], sliding_window=sliding_window,
-            interpret=not on_gpu(),
+            q[:, 0], layer.k, layer.v, q_positions[:, 0], sliding_window=window, interpret=not on_gpu()
         )  # [B, H, D]
         return out[:, None]
     k, v = kv_cache.read(layer, q.dtype)
-    return attention_reference(q, k, v, q_positions, sliding_window=sliding_window)
-
-
-def _use_kernel(impl: str) -> bool:
-    return impl == "pallas" or (impl == "auto" and on_gpu())
+    if impl == "xla" and contiguous:
+        return attention_reference(q, k, v, q_positions, sliding_window=window)
+    lengths = jnp.max(q_positions, axis=1) + 1  # [B] keys [0, length) exist
+    offset = q_positions[:, 0] if q_offset is None else q_offset
+    return router.attention(
+        q, k, v, pattern=pattern or patterns.DenseCausal(), impl="xla" if impl == "xla" else impl,
+        q_offset=offset, lengths=lengths,
+    )
 
 
 def attention_reference(

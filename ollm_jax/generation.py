@@ -19,6 +19,7 @@ from flax import struct
 from ollm_jax import kv_cache
 from ollm_jax.config import ModelConfig
 from ollm_jax.model import Params, forward
+from ollm_jax.patterns import Pattern
 from ollm_jax.sampling import SamplingParams, sample
 
 PAD_ID = 0  # written past a row's last valid token
@@ -65,7 +66,10 @@ def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_ids", "kv_format", "attention_impl")
+    jax.jit,
+    static_argnames=(
+        "cfg", "max_new_tokens", "sampling", "eos_ids", "kv_format", "attention_impl", "attention_pattern"
+    ),
 )
 def prefill(
     params: Params,
@@ -79,6 +83,7 @@ def prefill(
     eos_ids: tuple[int, ...],
     kv_format: str | None = None,
     attention_impl: str = "auto",
+    attention_pattern: Pattern | None = None,
 ) -> DecodeState:
     """Runs the prompts through the model and samples the first new token."""
     batch, prompt_len = prompt_tokens.shape
@@ -88,6 +93,7 @@ def prefill(
     logits, cache = forward(
         params, cfg, prompt_tokens, positions, cache,
         logits_index=(prompt_lengths - 1)[:, None], attention_impl=attention_impl,
+        attention_pattern=attention_pattern, q_offset=0,
     )  # [B, 1, V]
     first = sample(logits[:, 0], jax.random.fold_in(key, 0), sampling)  # [B]
     tokens = jnp.full((batch, max_new_tokens), PAD_ID, jnp.int32).at[:, 0].set(first)
@@ -103,7 +109,9 @@ def prefill(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "sampling", "eos_ids", "attention_impl"), donate_argnames=("state",)
+    jax.jit,
+    static_argnames=("cfg", "sampling", "eos_ids", "attention_impl", "attention_pattern"),
+    donate_argnames=("state",),
 )
 def decode(
     params: Params,
@@ -114,6 +122,7 @@ def decode(
     sampling: SamplingParams,
     eos_ids: tuple[int, ...],
     attention_impl: str = "auto",
+    attention_pattern: Pattern | None = None,
 ) -> DecodeState:
     """Decodes one token per step until `state.step == until` or every row is done."""
     until = jnp.minimum(until, state.tokens.shape[1])
@@ -125,7 +134,8 @@ def decode(
         last = s.tokens[:, s.step - 1]  # [B]
         pos = jnp.where(s.done, -1, s.prompt_lengths + s.step - 1)  # [B]; finished rows write nothing
         logits, cache = forward(
-            params, cfg, last[:, None], pos[:, None], s.cache, attention_impl=attention_impl
+            params, cfg, last[:, None], pos[:, None], s.cache, attention_impl=attention_impl,
+            attention_pattern=attention_pattern,
         )  # [B, 1, V]
         new = sample(logits[:, 0], jax.random.fold_in(s.key, s.step), sampling)  # [B]
         new = jnp.where(s.done, PAD_ID, new)
@@ -154,14 +164,15 @@ def generate(
     eos_ids: tuple[int, ...] | None = None,
     kv_format: str | None = None,
     attention_impl: str = "auto",
+    attention_pattern: Pattern | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Generates up to `max_new_tokens` tokens per prompt.
 
     A pure function: prefill, then a `lax.while_loop` that stops when every row has
     produced an EOS id or `max_new_tokens` tokens, with no host sync per token. It may
     be called directly (it jits itself) or inside `jax.jit`; then `cfg`,
-    `max_new_tokens`, `temperature`, `top_k`, `top_p`, `eos_ids`, `kv_format` and
-    `attention_impl` must be static (`static_argnames`), and the prompt's padded
+    `max_new_tokens`, `temperature`, `top_k`, `top_p`, `eos_ids`, `kv_format`,
+    `attention_impl` and `attention_pattern` must be static (`static_argnames`), and the prompt's padded
     length T is part of the traced shape.
 
     Args:
@@ -174,7 +185,11 @@ def generate(
       eos_ids: token ids that end a row (the EOS is kept in the output); None means
         the config's `eos_token_ids`, () means never stop early.
       kv_format: KV cache format (None = the model's dtype; see `ollm_jax.kv_cache`).
-      attention_impl: see `ollm_jax.attention.attend`.
+      attention_impl: "auto" (Pallas/cuDNN kernels on a GPU, XLA on the CPU), "xla",
+        "pallas" or "cudnn"; see `ollm_jax.attention.attend`.
+      attention_pattern: a sparsity pattern from `ollm_jax.patterns` (e.g.
+        `SlidingWindow(1024)`, `Strided(...)`, `BigBird(...)`) used instead of dense causal
+        attention, in prefill and decode; None = the model's own attention.
     Returns:
       tokens [B, N] int32 (PAD_ID past each row's length) and lengths [B] int32.
     Raises:
@@ -188,8 +203,10 @@ def generate(
     state = prefill(
         params, cfg, prompt_tokens, prompt_lengths, key, max_new_tokens=max_new_tokens,
         sampling=sampling, eos_ids=eos, kv_format=kv_format, attention_impl=attention_impl,
+        attention_pattern=attention_pattern,
     )
     state = decode(
-        params, cfg, state, max_new_tokens, sampling=sampling, eos_ids=eos, attention_impl=attention_impl
+        params, cfg, state, max_new_tokens, sampling=sampling, eos_ids=eos, attention_impl=attention_impl,
+        attention_pattern=attention_pattern,
     )
     return state.tokens, state.num_tokens

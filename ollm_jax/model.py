@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -29,8 +29,17 @@ import jax.numpy as jnp
 
 from ollm_jax import attention, kv_cache
 from ollm_jax.config import ModelConfig
+from ollm_jax.patterns import Pattern
 
 Params = dict[str, Any]
+
+
+class AttentionOptions(NamedTuple):
+    """How attention runs (static): see `forward`."""
+
+    impl: str = "auto"
+    pattern: Pattern | None = None
+    q_offset: int | None = None
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:
@@ -98,7 +107,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache, attention_impl):
+    def __call__(self, x, positions, layer_cache, attn: AttentionOptions):
         cfg = self.cfg
         e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         w_q = _param(self, "w_q", (e, h, d), ("embed", "q_heads", "head_dim"), _dense_init)
@@ -119,9 +128,10 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, cfg)
         k_new = apply_rope(k_new, positions, cfg)
 
-        layer_cache = kv_cache.write(layer_cache, k_new, v_new, positions, impl=attention_impl)
+        layer_cache = kv_cache.write(layer_cache, k_new, v_new, positions, impl=attn.impl)
         out = attention.attend(
-            q, layer_cache, positions, sliding_window=cfg.sliding_window, impl=attention_impl
+            q, layer_cache, positions, sliding_window=cfg.sliding_window, pattern=attn.pattern,
+            q_offset=attn.q_offset, impl=attn.impl,
         )  # [B, T, H, D]
         out = jnp.einsum("bthd,hde->bte", out, w_o)  # [B, T, E]
         if cfg.o_bias:
@@ -147,10 +157,10 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache, attention_impl):
+    def __call__(self, x, positions, layer_cache, attn: AttentionOptions):
         e = self.cfg.hidden_size
         attn_out, layer_cache = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, e, name="attn_norm")(x), positions, layer_cache, attention_impl
+            RMSNorm(self.cfg, e, name="attn_norm")(x), positions, layer_cache, attn
         )
         x = x + attn_out
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, e, name="mlp_norm")(x))
@@ -159,7 +169,7 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     cfg: ModelConfig
-    attention_impl: str = "auto"
+    attn: AttentionOptions = AttentionOptions()
 
     @nn.compact
     def __call__(self, tokens, positions, cache: kv_cache.KVCache, logits_index=None):
@@ -168,7 +178,7 @@ class Transformer(nn.Module):
         x = jnp.take(embedding, tokens, axis=0)  # [B, T, E]
         layers = []
         for i in range(cfg.num_layers):
-            x, layer = Block(cfg, name=f"layers_{i}")(x, positions, cache.layers[i], self.attention_impl)
+            x, layer = Block(cfg, name=f"layers_{i}")(x, positions, cache.layers[i], self.attn)
             layers.append(layer)
         x = RMSNorm(cfg, cfg.hidden_size, name="final_norm")(x)
         if logits_index is not None:  # only the rows whose logits are wanted: [B, N, E]
@@ -190,6 +200,8 @@ def forward(
     *,
     logits_index: jax.Array | None = None,
     attention_impl: str = "auto",
+    attention_pattern: Pattern | None = None,
+    q_offset: int | None = None,
 ) -> tuple[jax.Array, kv_cache.KVCache]:
     """Runs the model over new tokens, writing their keys/values into the cache.
 
@@ -202,11 +214,17 @@ def forward(
       cache: the KV cache (`kv_cache.create`).
       logits_index: optional [B, N] indices into T; logits only for those tokens.
       attention_impl: kernels or references: "auto" (Pallas kernels on a GPU), "xla" or
-        "pallas"; passed to `ollm_jax.attention.attend` and `ollm_jax.kv_cache.write`.
+        "pallas" (or "cudnn" for prefill); passed to `ollm_jax.attention.attend` and
+        `ollm_jax.kv_cache.write`.
+      attention_pattern: a sparsity pattern (`ollm_jax.patterns`) instead of dense causal
+        (or the config's sliding window), for exploration; static.
+      q_offset: the position of every row's first token when it is one static number
+        (0 for a prefill from an empty cache); None reads it from `positions`.
     Returns:
       logits [B, T or N, V] float32, and the updated cache.
     """
-    return Transformer(cfg, attention_impl).apply({"params": params}, tokens, positions, cache, logits_index)
+    attn = AttentionOptions(attention_impl, attention_pattern, q_offset)
+    return Transformer(cfg, attn).apply({"params": params}, tokens, positions, cache, logits_index)
 
 
 def _init_boxed(cfg: ModelConfig, key: jax.Array):

@@ -132,3 +132,28 @@ def test_bad_sampling_values_are_refused(tiny):
                       (dict(top_k=-2), "top_k=-2"), (dict(max_new_tokens=0), "max_new_tokens=0")]:
         with pytest.raises(ValueError, match=match):
             generate(params, cfg, tokens, lengths, jax.random.key(0), **{"max_new_tokens": 4, **kw})
+
+
+def test_attention_pattern_window_equals_the_config_window(tiny):
+    """generate(attention_pattern=SlidingWindow(w)) runs the router's pattern path in
+    prefill and decode; a config with sliding_window=w runs the reference's window."""
+    import dataclasses
+
+    from ollm_jax.patterns import DenseCausal, SlidingWindow, Strided
+
+    cfg, params = tiny
+    tokens, lengths = _batch(PROMPTS)
+    key = jax.random.key(0)
+    windowed, _ = generate(params, dataclasses.replace(cfg, sliding_window=3), tokens, lengths, key,
+                           max_new_tokens=8, eos_ids=(), attention_impl="xla")
+    patterned, _ = generate(params, cfg, tokens, lengths, key, max_new_tokens=8, eos_ids=(),
+                            attention_pattern=SlidingWindow(3))
+    np.testing.assert_array_equal(patterned, windowed)
+    dense, _ = generate(params, cfg, tokens, lengths, key, max_new_tokens=8, eos_ids=(), attention_impl="xla")
+    np.testing.assert_array_equal(
+        generate(params, cfg, tokens, lengths, key, max_new_tokens=8, eos_ids=(), attention_pattern=DenseCausal())[0],
+        dense)
+    assert not np.array_equal(patterned, dense), "a 3-token window should change some continuation"
+    strided, n = generate(params, cfg, tokens, lengths, key, max_new_tokens=8, eos_ids=(),
+                          attention_pattern=Strided(window=2, period=4, width=1))
+    assert n.tolist() == [8, 8, 8] and strided.shape == (3, 8)
