@@ -18,6 +18,8 @@ G = H // K query heads per KV head, D head_dim.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -67,12 +69,16 @@ def attend(
     if q.shape[1] == 1 and contiguous and (impl == "pallas" or (impl == "auto" and on_gpu())):
         from pallas_kernels import flash_decode  # the kernels import this package
 
-        out = flash_decode.flash_decode(
-            q[:, 0], layer.k, layer.v, q_positions[:, 0], sliding_window=window, interpret=not on_gpu()
-        )  # [B, H, D]
-        return out[:, None]
+        if flash_decode.supports(q[:, 0], layer.k, layer.v):
+            out = flash_decode.flash_decode(
+                q[:, 0], layer.k, layer.v, q_positions[:, 0], sliding_window=window, interpret=not on_gpu()
+            )  # [B, H, D]
+            return out[:, None]
+        if impl == "pallas":
+            warnings.warn(f"flash_decode does not take this cache ({type(layer.k).__name__}/"
+                          f"{type(layer.v).__name__} stores, q {q.dtype}); using the reference")
     k, v = kv_cache.read(layer, q.dtype)
-    if impl == "xla" and contiguous:
+    if contiguous and (impl == "xla" or q.shape[1] == 1):
         return attention_reference(q, k, v, q_positions, sliding_window=window)
     lengths = jnp.max(q_positions, axis=1) + 1  # [B] keys [0, length) exist
     offset = q_positions[:, 0] if q_offset is None else q_offset

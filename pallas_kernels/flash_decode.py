@@ -5,10 +5,13 @@ in their storage format (`ollm_jax.kv_cache` stores: Dense, Int8, Int4, possibly
 different one for K and for V) and dequantized in registers:
 
 - int8: scores = (q . k_q) * scale; the V scale multiplies the probabilities.
-- int4: nibbles unpacked with shifts into the low half (channels [0, D/2)) and the high
-  half ([D/2, D)) of head_dim, one dot per quantization group; scores
-  = sum_n scale_n * (q_n . nibbles_n) + zero_n * sum(q_n), and for V the group scale
-  multiplies the probabilities and the zero point adds sum(p * zero_n) per group.
+- int4: each packed byte gives its low nibble (channel j in [0, D/2)) and its high
+  nibble in place (16 x channel j + D/2's value, so no shift), one dot per quantization
+  group and half; scores = sum_n scale_n * (q_n . nibbles_n) + zero_n * sum(q_n), and
+  for V the group scale multiplies the probabilities and the zero point adds
+  sum(p * zero_n) per group.
+- Integers become fp16 by a magic-number trick in inline PTX (`_PTX_BYTES_TO_FP16`),
+  so dots against quantized data run in fp16; dense K/V dot in q's dtype.
 
 Grid (B, K, P): one program per sequence, KV head and split. All G query heads of a KV
 head share one read of each K/V tile (their rows are padded to a dot-friendly Gp >= 16).
@@ -27,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +48,8 @@ PROGRAMS_PER_SM = 4  # target programs in flight per SM when choosing num_splits
 MIN_BLOCKS_PER_SPLIT = 2  # at the longest context, each split walks at least this many blocks
 Q_DTYPES = (jnp.bfloat16, jnp.float16)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: empty splits and rows stay NaN-free
+_LOG2E = 1.4426950408889634  # scores are kept in log2 units, so the softmax is exp2
+_NUM_ARRAYS = {"dense": 1, "int8": 2, "int4": 3}  # arrays per store, in jax.tree.leaves order
 
 
 def _pow2_ceil(n: int) -> int:
@@ -84,11 +90,14 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int) ->
 
 
 def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len: int) -> Config:
-    """Defaults per format: int4 tiles are 4x (int8 2x) fewer bytes than bf16 ones, so
-    quantized caches take longer blocks to keep as many bytes in flight per step."""
-    kinds = {k_kind, v_kind}
-    block_s = 256 if kinds == {"int4"} else 128
-    block_s = min(block_s, max(16, _pow2_ceil(max_len)))
+    """The defaults (the same for every format until GPU tuning says otherwise;
+    `k_kind`/`v_kind` are where per-format choices go). For D = 128 on sm_90 (pip Triton
+    3.6, offline), block_s 128 with 4 warps and 2 stages needs <= 168 registers a thread
+    (int4-g32: 255, no spill) and <= 72 KiB of shared memory in every format, so 2-3
+    programs fit on an SM; block_s 256 spills for int4-g32 and, with 3 stages, exceeds
+    the shared memory for bf16."""
+    del k_kind, v_kind
+    block_s = min(128, max(16, _pow2_ceil(max_len)))
     return Config(
         block_s=block_s,
         num_splits=default_num_splits(batch, kv_heads, max_len, block_s),
@@ -97,13 +106,75 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
     )
 
 
+def resolve_config(
+    k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len: int,
+    block_s: int | None = None, num_splits: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> Config:
+    """The knobs given, the defaults for the rest (num_splits follows the block size)."""
+    cfg = default_config(k_kind, v_kind, batch, kv_heads, max_len)
+    block_s = block_s or cfg.block_s
+    if block_s < 16 or block_s & (block_s - 1):
+        raise ValueError(f"{block_s=} must be a power of two >= 16")
+    return Config(
+        block_s=block_s,
+        num_splits=num_splits or default_num_splits(batch, kv_heads, max_len, block_s),
+        num_warps=num_warps or cfg.num_warps,
+        num_stages=num_stages or cfg.num_stages,
+    )
+
+
 # ------------------------------------------------------------------------------ kernel
+
+
+# Integer -> fp16 conversions by the fp16 "magic number" trick, four values per 32-bit
+# register: a byte u placed under the high byte 0x64 reads as the fp16 1024 + u (exact:
+# fp16 steps by 1 in [1024, 2048)), and one packed fp16x2 subtraction removes the bias.
+# That is 1.25 instructions per value, against about 2.5 for Triton's own int8 -> bf16
+# and several for a uint8 shift (done a byte at a time). Quantized data therefore meets
+# q and the probabilities in fp16 dots: fp16 holds a bf16 query entry exactly when
+# 2^-14 <= |q| < 65504 (smaller ones keep an absolute error below 2^-25), and rounds
+# probabilities 8x finer than bf16. Interpret mode runs the jnp equivalents (the same
+# values); tests/test_flash_decode.py runs these strings through a small PTX emulator
+# on all 256 byte values.
+_PTX_BYTES_TO_FP16 = """{{
+.reg .b32 u, t0, t1, magic, bias;
+mov.b32 magic, 0x64646464;
+mov.b32 bias, {bias};
+{op} u, $2, {operand};
+prmt.b32 t0, u, magic, 0x5140;
+prmt.b32 t1, u, magic, 0x7362;
+sub.f16x2 $0, t0, bias;
+sub.f16x2 $1, t1, bias;
+}}"""
+PTX_INT8_TO_FP16 = _PTX_BYTES_TO_FP16.format(op="xor.b32", operand="0x80808080", bias="0x64806480")  # u = b + 128
+PTX_INT4_LOW_TO_FP16 = _PTX_BYTES_TO_FP16.format(op="and.b32", operand="0x0F0F0F0F", bias="0x64006400")  # n
+PTX_INT4_HIGH_TO_FP16 = _PTX_BYTES_TO_FP16.format(op="and.b32", operand="0xF0F0F0F0", bias="0x64006400")  # 16 n
+
+
+def _bytes_to_fp16(x: jax.Array, ptx: str) -> jax.Array:
+    return plt.elementwise_inline_asm(
+        ptx, args=[x], constraints="=r,=r,r", pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float16)]
+    )[0]
+
+
+def _int8_to_fp16(x: jax.Array, interpret: bool) -> jax.Array:
+    """int8 [...] -> fp16, exact."""
+    return x.astype(jnp.float16) if interpret else _bytes_to_fp16(x, PTX_INT8_TO_FP16)
+
+
+def _unpack_int4(packed: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """packed uint8 [Ts, C] -> (low nibbles n, high nibbles times 16), fp16, exact
+    (0..15 and 0..240): masking the high nibble in place avoids the byte-wise shift."""
+    if interpret:
+        return (packed & 0x0F).astype(jnp.float16), (packed & 0xF0).astype(jnp.float16)
+    return _bytes_to_fp16(packed, PTX_INT4_LOW_TO_FP16), _bytes_to_fp16(packed, PTX_INT4_HIGH_TO_FP16)
 
 
 def _flash_decode_kernel(
     pos_ref,  # [1] int32: this sequence's query position (-1: padding)
     q_ref,  # [Gp, D] rows >= G are outside q (masked)
-    *refs,  # K store refs, V store refs, then o_ref [Gp, D] f32, m_ref [Gp], l_ref [Gp]
+    *refs,  # K store refs, V store refs (each [S, ...]), then o_ref [Gp, D] f32, m_ref [Gp], l_ref [Gp]
     k_kind: str,
     v_kind: str,
     num_heads_per_kv: int,  # G
@@ -112,16 +183,18 @@ def _flash_decode_kernel(
     num_splits: int,  # P
     sliding_window: int | None,
     sm_scale: float,
+    interpret: bool,
 ):
-    n_k = {"dense": 1, "int8": 2, "int4": 3}[k_kind]
-    n_v = {"dense": 1, "int8": 2, "int4": 3}[v_kind]
+    n_k, n_v = _NUM_ARRAYS[k_kind], _NUM_ARRAYS[v_kind]
     k_refs, v_refs = refs[:n_k], refs[n_k : n_k + n_v]
     o_ref, m_ref, l_ref = refs[n_k + n_v :]
     split = pl.program_id(2)  # read at the top level (interpret mode needs it here)
     gp, d = q_ref.shape
     half = d // 2
-    dt = q_ref.dtype
+    dt = q_ref.dtype  # dense K/V tiles are cast to q's dtype (bf16/fp16) for their dots
+    qdt = jnp.float16  # dots against quantized K or V (see _PTX_BYTES_TO_FP16)
     f32 = jnp.float32
+    score_scale = sm_scale * _LOG2E  # scores in log2 units: the softmax uses exp2
 
     # Rows >= G of the q block lie outside q: masked to zero on load and on store.
     row_mask = None if gp == num_heads_per_kv else (jnp.arange(gp) < num_heads_per_kv)[:, None]  # [Gp, 1]
@@ -139,110 +212,130 @@ def _flash_decode_kernel(
     start_block = first_block + split * per_split
     count = jnp.clip(n_blocks - split * per_split, 0, per_split)
 
-    # ---- K side: scores [Gp, Ts] f32, already times sm_scale.
+    def block_rows(t0):
+        slots = t0 + jnp.arange(block_s)  # [Ts]
+        return pl.ds(t0, block_s), (slots >= lo) & (slots < hi)  # rows, visible [Ts]
+
+    def int4_layout(refs_):  # (group, chunk C, chunks per half, N)
+        group = 2 * refs_[0].shape[-1] // refs_[1].shape[-1]
+        chunk = min(group, half)
+        return group, chunk, half // chunk, d // group
+
+    # ---- Per-token scales (and int4 zero points), f32 [Ts] each: loaded one block ahead
+    # (carried through the loop) so their latency hides behind the current block.
+    def load_scales(t0):
+        rows, visible = block_rows(t0)
+
+        def vec(ref, n=None):
+            at = ref.at[rows] if n is None else ref.at[rows, jnp.int32(n)]
+            return plt.load(at, mask=visible, other=0).astype(f32)  # [Ts]
+
+        k_sc, v_sc = (), ()
+        if k_kind == "int8":
+            k_sc = (vec(k_refs[1]) * score_scale,)
+        elif k_kind == "int4":
+            k_sc = tuple(x for n in range(int4_layout(k_refs)[3])
+                         for x in (vec(k_refs[1], n) * score_scale, vec(k_refs[2], n)))  # scale_n, zero_n, ...
+        if v_kind == "int8":
+            v_sc = (vec(v_refs[1]),)
+        elif v_kind == "int4":
+            v_sc = tuple(x for n in range(int4_layout(v_refs)[3]) for x in (vec(v_refs[1], n), vec(v_refs[2], n)))
+        return k_sc, v_sc
+
+    # ---- K side: scores [Gp, Ts] f32, in log2 units.
     if k_kind == "int4":
-        k_group = 2 * k_refs[0].shape[-1] // k_refs[1].shape[-1]
-        k_chunk = min(k_group, half)  # C
-        k_n = d // k_group  # N
-        # Query columns of each chunk: the low nibbles of packed columns [c*C, (c+1)*C)
-        # are channels c*C.., the high nibbles channels D/2 + c*C.. .
-        q_lo = [load_q(pl.ds(c * k_chunk, k_chunk)) for c in range(half // k_chunk)]  # [Gp, C] each
-        q_hi = [load_q(pl.ds(half + c * k_chunk, k_chunk)) for c in range(half // k_chunk)]
-        # sum(q) per group, for the zero point term; f32 [Gp] each.
-        q_sum = [jnp.zeros((gp,), f32) for _ in range(k_n)]
-        for c in range(half // k_chunk):
+        k_group, k_chunk, k_chunks, k_n = int4_layout(k_refs)
+        # The low nibbles of packed columns [c*C, (c+1)*C) are channels c*C.., the high
+        # nibbles channels D/2 + c*C..; channel col is in group col // group.
+        q_lo = [load_q(pl.ds(c * k_chunk, k_chunk)).astype(qdt) for c in range(k_chunks)]  # [Gp, C] each
+        q_hi = [load_q(pl.ds(half + c * k_chunk, k_chunk)).astype(qdt) for c in range(k_chunks)]
+        q_sum = [jnp.zeros((gp,), f32) for _ in range(k_n)]  # sum(q) per group, for the zero points
+        for c in range(k_chunks):
             q_sum[c * k_chunk // k_group] += jnp.sum(q_lo[c].astype(f32), axis=1)
             q_sum[(half + c * k_chunk) // k_group] += jnp.sum(q_hi[c].astype(f32), axis=1)
-        q_sum = [x * sm_scale for x in q_sum]
+        q_sum = [x * score_scale for x in q_sum]  # [Gp] each
     else:
-        q = load_q(slice(None))  # [Gp, D]
+        q = load_q(slice(None)).astype(dt if k_kind == "dense" else qdt)  # [Gp, D]
 
-    def k_scores(rows, visible):
+    def k_scores(rows, visible, k_sc):
         vis2 = visible[:, None]  # [Ts, 1]
         if k_kind == "dense":
             k = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D]
-            return jnp.dot(q, k.T, preferred_element_type=f32) * sm_scale  # [Gp, Ts]
+            return jnp.dot(q, k.T, preferred_element_type=f32) * score_scale  # [Gp, Ts]
         if k_kind == "int8":
-            k = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D] int8 -> dt, exact
-            scale = plt.load(k_refs[1].at[rows], mask=visible, other=0).astype(f32) * sm_scale  # [Ts]
-            return jnp.dot(q, k.T, preferred_element_type=f32) * scale[None, :]  # [Gp, Ts]
-        kq_ref, ks_ref, kz_ref = k_refs  # [S, D/2] uint8, [S, N], [S, N]
-        dots = [None] * k_n  # per group: q_n . nibbles_n, [Gp, Ts] f32
-        for c in range(half // k_chunk):
-            packed = plt.load(kq_ref.at[rows, pl.ds(c * k_chunk, k_chunk)], mask=vis2, other=0)  # [Ts, C] uint8
-            # Nibbles 0..15 are exact in bf16/fp16; via int8, whose conversion Triton vectorizes.
-            n_lo = (packed & 0xF).astype(jnp.int8).astype(dt)  # [Ts, C]
-            n_hi = (packed >> 4).astype(jnp.int8).astype(dt)  # [Ts, C]
-            for n, part in (
-                (c * k_chunk // k_group, jnp.dot(q_lo[c], n_lo.T, preferred_element_type=f32)),
-                ((half + c * k_chunk) // k_group, jnp.dot(q_hi[c], n_hi.T, preferred_element_type=f32)),
+            k = _int8_to_fp16(plt.load(k_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, D]
+            return jnp.dot(q, k.T, preferred_element_type=f32) * k_sc[0][None, :]  # [Gp, Ts]
+        # Per group: q . nibbles over its low-half channels, and q . (16 * nibbles) over
+        # its high-half ones (see _unpack_int4), [Gp, Ts] f32 each.
+        dots_lo, dots_hi = [None] * k_n, [None] * k_n
+        for c in range(k_chunks):
+            packed = plt.load(k_refs[0].at[rows, pl.ds(c * k_chunk, k_chunk)], mask=vis2, other=0)  # [Ts, C] u8
+            n_lo, n_hi16 = _unpack_int4(packed, interpret)  # [Ts, C] each
+            for dots, n, part in (
+                (dots_lo, c * k_chunk // k_group, jnp.dot(q_lo[c], n_lo.T, preferred_element_type=f32)),
+                (dots_hi, (half + c * k_chunk) // k_group, jnp.dot(q_hi[c], n_hi16.T, preferred_element_type=f32)),
             ):
                 dots[n] = part if dots[n] is None else dots[n] + part
         s = None
         for n in range(k_n):
-            scale = plt.load(ks_ref.at[rows, jnp.int32(n)], mask=visible, other=0).astype(f32) * sm_scale  # [Ts]
-            zero = plt.load(kz_ref.at[rows, jnp.int32(n)], mask=visible, other=0).astype(f32)  # [Ts]
-            term = dots[n] * scale[None, :] + q_sum[n][:, None] * zero[None, :]  # [Gp, Ts]
+            scale, zero = k_sc[2 * n], k_sc[2 * n + 1]  # [Ts]
+            term = q_sum[n][:, None] * zero[None, :]  # [Gp, Ts]
+            if dots_lo[n] is not None:
+                term += dots_lo[n] * scale[None, :]
+            if dots_hi[n] is not None:
+                term += dots_hi[n] * (scale * 0.0625)[None, :]  # 1/16: exact
             s = term if s is None else s + term
         return s
 
-    # ---- V side: accumulators (unnormalized, f32) and their update.
+    # ---- V side: unnormalized f32 accumulators and their update.
     if v_kind == "int4":
-        v_group = 2 * v_refs[0].shape[-1] // v_refs[1].shape[-1]
-        v_chunk = min(v_group, half)
-        v_n = d // v_group
-        v_chunks = half // v_chunk
-        # acc: low-half chunks [Gp, C] * v_chunks, high-half chunks likewise, then sum(p * zero_n) [Gp] * N.
-        acc0 = (
-            tuple(jnp.zeros((gp, v_chunk), f32) for _ in range(2 * v_chunks))
-            + tuple(jnp.zeros((gp,), f32) for _ in range(v_n))
+        v_group, v_chunk, v_chunks, v_n = int4_layout(v_refs)
+        # Low-half chunks [Gp, C] x v_chunks, high-half chunks likewise, then sum(p * zero_n) [Gp] x N.
+        acc0 = tuple(jnp.zeros((gp, v_chunk), f32) for _ in range(2 * v_chunks)) + tuple(
+            jnp.zeros((gp,), f32) for _ in range(v_n)
         )
     else:
-        acc0 = (jnp.zeros((gp, d), f32),)
+        acc0 = (jnp.zeros((gp, d), f32),)  # [Gp, D]
 
-    def v_accumulate(rows, visible, p, acc):
+    def v_accumulate(rows, visible, p, acc, v_sc):
         vis2 = visible[:, None]  # [Ts, 1]
         if v_kind == "dense":
             v = plt.load(v_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D]
             return (acc[0] + jnp.dot(p.astype(dt), v, preferred_element_type=f32),)
         if v_kind == "int8":
-            v = plt.load(v_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D]
-            scale = plt.load(v_refs[1].at[rows], mask=visible, other=0).astype(f32)  # [Ts]
-            p_scaled = (p * scale[None, :]).astype(dt)  # [Gp, Ts]
+            v = _int8_to_fp16(plt.load(v_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, D]
+            p_scaled = (p * v_sc[0][None, :]).astype(qdt)  # [Gp, Ts]: the V scale on the probabilities
             return (acc[0] + jnp.dot(p_scaled, v, preferred_element_type=f32),)
-        vq_ref, vs_ref, vz_ref = v_refs  # [S, D/2] uint8, [S, N], [S, N]
         p_scaled, z_acc = [], list(acc[2 * v_chunks :])
         for n in range(v_n):
-            scale = plt.load(vs_ref.at[rows, jnp.int32(n)], mask=visible, other=0).astype(f32)  # [Ts]
-            zero = plt.load(vz_ref.at[rows, jnp.int32(n)], mask=visible, other=0).astype(f32)  # [Ts]
-            p_scaled.append((p * scale[None, :]).astype(dt))  # [Gp, Ts]
+            scale, zero = v_sc[2 * n], v_sc[2 * n + 1]  # [Ts]
+            p_scaled.append((p * scale[None, :]).astype(qdt))  # [Gp, Ts]
             z_acc[n] = z_acc[n] + jnp.sum(p * zero[None, :], axis=1)  # [Gp]
         out = list(acc[: 2 * v_chunks])
         for c in range(v_chunks):
-            packed = plt.load(vq_ref.at[rows, pl.ds(c * v_chunk, v_chunk)], mask=vis2, other=0)  # [Ts, C] uint8
-            n_lo = (packed & 0xF).astype(jnp.int8).astype(dt)  # [Ts, C]
-            n_hi = (packed >> 4).astype(jnp.int8).astype(dt)
-            out[c] += jnp.dot(p_scaled[c * v_chunk // v_group], n_lo, preferred_element_type=f32)
-            out[v_chunks + c] += jnp.dot(p_scaled[(half + c * v_chunk) // v_group], n_hi, preferred_element_type=f32)
+            packed = plt.load(v_refs[0].at[rows, pl.ds(c * v_chunk, v_chunk)], mask=vis2, other=0)  # [Ts, C] u8
+            n_lo, n_hi16 = _unpack_int4(packed, interpret)  # [Ts, C] each
+            out[c] += jnp.dot(p_scaled[c * v_chunk // v_group], n_lo, preferred_element_type=f32)  # [Gp, C]
+            # High half: 16 x the values; the 1/16 is applied once, after the loop.
+            out[v_chunks + c] += jnp.dot(p_scaled[(half + c * v_chunk) // v_group], n_hi16, preferred_element_type=f32)
         return tuple(out) + tuple(z_acc)
 
     def body(i, carry):
-        m_prev, l_prev, acc = carry  # [Gp], [Gp], accumulators
+        m_prev, l_prev, acc, (k_sc, v_sc) = carry  # [Gp], [Gp], accumulators, this block's scales
         t0 = (start_block + i) * block_s
-        rows = pl.ds(t0, block_s)
-        slots = t0 + jnp.arange(block_s)  # [Ts]
-        visible = (slots >= lo) & (slots < hi)  # [Ts]; every walked block has a visible slot
-        s = jnp.where(visible[None, :], k_scores(rows, visible), _MASKED)  # [Gp, Ts]
+        next_scales = load_scales(t0 + block_s)  # masked past the visible range: no read there
+        rows, visible = block_rows(t0)  # every walked block has a visible slot
+        s = jnp.where(visible[None, :], k_scores(rows, visible, k_sc), _MASKED)  # [Gp, Ts]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))  # [Gp]
-        correction = jnp.exp(m_prev - m_next)  # [Gp]
-        p = jnp.exp(s - m_next[:, None])  # [Gp, Ts] f32
+        correction = jnp.exp2(m_prev - m_next)  # [Gp]
+        p = jnp.exp2(s - m_next[:, None])  # [Gp, Ts] f32
         l_next = l_prev * correction + jnp.sum(p, axis=1)
         acc = tuple(a * (correction[:, None] if a.ndim == 2 else correction) for a in acc)
-        return m_next, l_next, v_accumulate(rows, visible, p, acc)
+        return m_next, l_next, v_accumulate(rows, visible, p, acc, v_sc), next_scales
 
     m0 = jnp.full((gp,), _MASKED, f32)
     l0 = jnp.zeros((gp,), f32)
-    m, l, acc = lax.fori_loop(0, count, body, (m0, l0, acc0))
+    m, l, acc, _ = lax.fori_loop(0, count, body, (m0, l0, acc0, load_scales(start_block * block_s)))
 
     def store(ref, cols, x):
         if row_mask is None:
@@ -252,7 +345,7 @@ def _flash_decode_kernel(
 
     if v_kind == "int4":
         for c in range(v_chunks):
-            for col, a in ((c * v_chunk, acc[c]), (half + c * v_chunk, acc[v_chunks + c])):
+            for col, a in ((c * v_chunk, acc[c]), (half + c * v_chunk, acc[v_chunks + c] * 0.0625)):
                 z = acc[2 * v_chunks + col // v_group]  # [Gp]: sum(p * zero) of this chunk's group
                 store(o_ref, pl.ds(col, v_chunk), a + z[:, None])  # [Gp, C]
     else:
@@ -267,12 +360,12 @@ def _flash_decode_kernel(
 
 def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
     """Merges P partial softmaxes. o [B, K, P, G, D] unnormalized, m and l [B, K, P, G]
-    (running max and sum of exp); returns [B, K, G, D] f32. A row no split saw (padding)
-    gets 0, not NaN."""
+    (running max of the scores in log2 units, and sum of exp2(score - m)); returns
+    [B, K, G, D] f32. A row no split saw (padding) gets 0, not NaN."""
     m_max = jnp.max(m, axis=2, keepdims=True)  # [B, K, 1, G]
     # jax's own decode kernel needs this barrier to avoid NaNs after fusion (b/389925439).
     m_max = lax.optimization_barrier(m_max)
-    w = jnp.exp(m - m_max)  # [B, K, P, G]
+    w = jnp.exp2(m - m_max)  # [B, K, P, G]
     l_sum = jnp.sum(w * l, axis=2)  # [B, K, G]
     o_sum = jnp.sum(w[..., None] * o, axis=2)  # [B, K, G, D]
     return o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]
@@ -295,9 +388,9 @@ def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str
         if kind == "dense" and data.dtype not in Q_DTYPES:
             raise ValueError(f"dense {name} must be bfloat16 or float16, got {data.dtype=}")
         if kind == "int4":
-            group = store.group
-            if 2 * data.shape[-1] % store.scale.shape[-1] or min(group, d // 2) < 16:
-                raise ValueError(f"{name}: int4 group {group} unsupported for head_dim {d}")
+            n, group = store.scale.shape[-1], store.group
+            if n * group != width or not (group == width or (width // 2) % group == 0) or min(group, width // 2) < 16:
+                raise ValueError(f"{name}: int4 group {group} ({n} groups) unsupported for head_dim {width}")
     if shapes["k"] != shapes["v"]:
         raise ValueError(f"k and v stores hold different shapes: {shapes['k']=} vs {shapes['v']=}")
     kb, s, kh, kd = shapes["k"]
@@ -312,6 +405,17 @@ def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"{sliding_window=} must be >= 1 or None")
     return k_kind, v_kind
+
+
+def supports(q: jax.Array, k: Store, v: Store) -> bool:
+    """Whether `flash_decode` takes these inputs (a dispatch point's test before calling
+    it): bf16/fp16 q; Dense bf16/fp16, Int8 or Int4 stores (not fp32, not Kivi4);
+    head_dim a power of two in [32, 256]; matching shapes."""
+    try:
+        _check(q, k, v, jnp.zeros(q.shape[:1], jnp.int32), None)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 @functools.partial(
@@ -351,13 +455,7 @@ def flash_decode(
     _, s, kv_heads, _ = _store_arrays(k)[0].shape
     g = h // kv_heads
     gp = max(16, _pow2_ceil(g))
-    cfg = default_config(k_kind, v_kind, b, kv_heads, s)
-    block_s = block_s or cfg.block_s
-    if block_s < 16 or block_s & (block_s - 1):
-        raise ValueError(f"{block_s=} must be a power of two >= 16")
-    num_splits = num_splits or default_num_splits(b, kv_heads, s, block_s)
-    num_warps = num_warps or cfg.num_warps
-    num_stages = num_stages or cfg.num_stages
+    cfg = resolve_config(k_kind, v_kind, b, kv_heads, s, block_s, num_splits, num_warps, num_stages)
 
     def cache_spec(x):
         # The whole cache row of one (sequence, KV head); the kernel slices its blocks.
@@ -372,14 +470,15 @@ def flash_decode(
         v_kind=v_kind,
         num_heads_per_kv=g,
         max_len=s,
-        block_s=block_s,
-        num_splits=num_splits,
+        block_s=cfg.block_s,
+        num_splits=cfg.num_splits,
         sliding_window=sliding_window,
         sm_scale=d**-0.5,
+        interpret=interpret,
     )
     o, m, l = pl.pallas_call(
         kernel,
-        grid=(b, kv_heads, num_splits),
+        grid=(b, kv_heads, cfg.num_splits),
         in_specs=[
             pl.BlockSpec((1,), lambda bi, ki, pi: (bi,)),
             pl.BlockSpec((None, None, gp, d), lambda bi, ki, pi: (bi, ki, 0, 0)),
@@ -391,11 +490,11 @@ def flash_decode(
             pl.BlockSpec((None, None, None, gp), lambda bi, ki, pi: (bi, ki, pi, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, kv_heads, num_splits, g, d), jnp.float32),  # o, unnormalized
-            jax.ShapeDtypeStruct((b, kv_heads, num_splits, g), jnp.float32),  # m
-            jax.ShapeDtypeStruct((b, kv_heads, num_splits, g), jnp.float32),  # l
+            jax.ShapeDtypeStruct((b, kv_heads, cfg.num_splits, g, d), jnp.float32),  # o, unnormalized
+            jax.ShapeDtypeStruct((b, kv_heads, cfg.num_splits, g), jnp.float32),  # m
+            jax.ShapeDtypeStruct((b, kv_heads, cfg.num_splits, g), jnp.float32),  # l
         ],
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"flash_decode_k{k_kind}_v{v_kind}",
     )(q_positions.astype(jnp.int32), q.reshape(b, kv_heads, g, d), *k_arrays, *v_arrays)
@@ -419,44 +518,46 @@ def flash_decode_reference(
 # ------------------------------------------------------------------------------- bench
 
 
-def _random_store(key, kind: str, shape: tuple[int, ...], group: int) -> Store:
-    """Random store values of `kind` for [B, S, K, D] (speed does not depend on values)."""
+def _random_store(key, side: str, shape: tuple[int, ...], group: int) -> Store:
+    """A store of kv_cache side format `side` (bf16, fp16, int8, int4) with random
+    contents for values of `shape` [B, S, K, D]; speed does not depend on the values."""
     *lead, d = shape
     k1, k2, k3 = jax.random.split(key, 3)
-    if kind == "bf16":
-        return Dense(jax.random.normal(k1, shape, jnp.bfloat16))
-    if kind == "int8":
-        q = jax.random.randint(k1, shape, -127, 128, jnp.int8)
-        return Int8(q, jax.random.uniform(k2, lead, jnp.float16, 0.005, 0.02))
+    if side in kv_cache.DENSE_DTYPES:
+        return Dense(jax.random.normal(k1, shape, kv_cache.DENSE_DTYPES[side]))
+    if side == "int8":
+        return Int8(
+            jax.random.randint(k1, shape, -127, 128, jnp.int8),
+            jax.random.uniform(k2, lead, kv_cache.SCALE_DTYPE, 0.005, 0.02),
+        )
     n = d // group
     return Int4(
         jax.random.bits(k1, (*lead, d // 2), jnp.uint8),
-        jax.random.uniform(k2, (*lead, n), jnp.float16, 0.01, 0.2),
-        jax.random.uniform(k3, (*lead, n), jnp.float16, -1.5, -0.5),
+        jax.random.uniform(k2, (*lead, n), kv_cache.SCALE_DTYPE, 0.01, 0.2),
+        jax.random.uniform(k3, (*lead, n), kv_cache.SCALE_DTYPE, -1.5, -0.5),
     )
 
 
-def _bench(fn, args_list, samples: int) -> float:
-    """Median seconds per call of `fn` over the argument tuples in args_list, run
-    back-to-back in one jitted program (distinct inputs: nothing is CSE'd, and cycling
-    caches larger than L2 keeps repeated runs from hitting L2); one warm-up call."""
-    many = jax.jit(lambda all_args: [fn(*a) for a in all_args])
-    jax.block_until_ready(many(args_list))
+def _seconds_per_call(fn, arg_sets: list[tuple], samples: int) -> tuple[float, jax.Array]:
+    """(median seconds per call of `fn`, its output for arg_sets[0]). `fn` runs once per
+    argument tuple, back to back inside one jitted program (amortizes dispatch; distinct
+    inputs, so nothing is CSE'd), in `samples` timed runs after a warm-up run, each ended
+    by block_until_ready."""
+    many = jax.jit(lambda sets: [fn(*a) for a in sets])
+    first = jax.block_until_ready(many(arg_sets))[0]
     times = []
-    import time
-
     for _ in range(samples):
         t0 = time.perf_counter()
-        jax.block_until_ready(many(args_list))
-        times.append((time.perf_counter() - t0) / len(args_list))
-    return sorted(times)[len(times) // 2]
+        jax.block_until_ready(many(arg_sets))
+        times.append((time.perf_counter() - t0) / len(arg_sets))
+    return statistics.median(times), first
 
 
-def _csv_ints(text: str | None) -> list[int | None]:
+def _ints(text: str | None) -> list[int | None]:
     return [None] if text is None else [int(x) for x in text.split(",")]
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     import argparse
     import gc
     import itertools
@@ -466,88 +567,105 @@ def main(argv=None) -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bench import common
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", default="1,8")
-    p.add_argument("--lengths", default="8192,32768,131072")
-    p.add_argument("--formats", default="bf16,int8,int4", help="kv_cache format names, e.g. bf16,int8,int4-g32,k8v4")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--block-s", help="comma list: sweeps the product of all knob lists")
-    p.add_argument("--num-splits")
-    p.add_argument("--num-warps")
-    p.add_argument("--num-stages")
-    p.add_argument("--samples", type=int, default=20)
-    p.add_argument("--calls", type=int, default=16, help="kernel calls per timed sample (amortizes dispatch)")
-    p.add_argument("--no-reference", action="store_true", help="skip XLA's reference timing")
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description="Sweep flash_decode against the copy bandwidth and XLA.")
+    parser.add_argument("--batch", default="1,8", help="comma list")
+    parser.add_argument("--lengths", default="8192,32768,131072", help="comma list: cache max_len = context")
+    parser.add_argument("--formats", default="bf16,int8,int4", help="kv_cache formats: bf16,int8,int4-g32,k8v4,...")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    knob_help = "comma list (the product of all knob lists is swept); default: the shipped default"
+    parser.add_argument("--block-s", help=knob_help)
+    parser.add_argument("--num-splits", help=knob_help)
+    parser.add_argument("--num-warps", help=knob_help)
+    parser.add_argument("--num-stages", help=knob_help)
+    parser.add_argument("--samples", type=int, default=30, help="timed runs; the median is reported")
+    parser.add_argument("--calls", type=int, default=16, help="kernel calls per timed run (at least enough "
+                        "cache copies to cycle through 256 MiB, so repeats do not hit L2)")
+    parser.add_argument("--no-reference", action="store_true", help="skip XLA's reference")
+    parser.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (tiny sizes)")
+    args = parser.parse_args(argv)
 
     env = common.environment()
     common.print_environment(env)
-    copy_bw = common.jax_copy_bandwidth(1 << 30)
-    print(f"ceiling     jax copy (x+1) of 1 GiB, read+write: {copy_bw / 1e9:.0f} GB/s on {env['jax_device_kind']}")
-    knobs = list(itertools.product(*map(_csv_ints, (args.block_s, args.num_splits, args.num_warps, args.num_stages))))
-    headers = ["B", "L", "format", "block_s", "splits", "warps", "stages", "us", "GB/s", "% copy", "XLA us",
-               "XLA GB/s", "x XLA", "max |err|"]
-    rows = []
+    card = env["jax_device_kind"]
+    copy_bw = common.jax_copy_bandwidth(1 << (20 if args.interpret else 30))
+    print(f"ceiling     jax copy (x + 1) of a 1 GiB buffer, read + write: {copy_bw / 1e9:.0f} GB/s on {card}")
+    h, kv_heads, d = args.heads, args.kv_heads, args.head_dim
+    knob_sets = list(itertools.product(*map(_ints, (args.block_s, args.num_splits, args.num_warps, args.num_stages))))
+    headers = ["B", "L", "format", "block_s", "splits", "warps", "stages", "us", "GB/s", "% copy",
+               "XLA us", "XLA GB/s", "x XLA", "max|err| vs XLA"]
+    rows, best = [], {}
     key = jax.random.key(0)
-    h, kh, d = args.heads, args.kv_heads, args.head_dim
-    for b, length, fmt_name in itertools.product(_csv_ints(args.batch), _csv_ints(args.lengths), args.formats.split(",")):
+    for b, length, fmt_name in itertools.product(_ints(args.batch), _ints(args.lengths), args.formats.split(",")):
         fmt = kv_cache.parse_format(fmt_name)
         group = min(fmt.group, d)
-        shape = (b, length, kh, d)
-        one_bytes = 0
-        kinds = {"bf16": "bf16", "fp16": "bf16", "int8": "int8", "int4": "int4"}
-        stores = []
-        # Enough cache copies to cycle through >= 256 MiB, so runs do not hit L2 (50-60 MB).
-        k0 = _random_store(jax.random.fold_in(key, 1), kinds[fmt.k], shape, group)
-        v0 = _random_store(jax.random.fold_in(key, 2), kinds[fmt.v], shape, group)
-        one_bytes = sum(x.nbytes for x in jax.tree.leaves((k0, v0)))
-        copies = max(1, -(-(256 << 20) // one_bytes))
-        stores = [(k0, v0)] + [
-            jax.tree.map(lambda x: x + 0 if x.dtype != jnp.uint8 else x ^ jnp.uint8(i), (k0, v0))
-            for i in range(1, copies)
-        ]
+        shape = (b, length, kv_heads, d)  # [B, S, K, D]
+        nbytes = _cache_bytes(b, length, fmt_name, kv_heads, d)  # all L slots are visible
+        copies = 1 if args.interpret else -(-(256 << 20) // nbytes)
+        caches = [(_random_store(jax.random.fold_in(key, 2 * i), fmt.k, shape, group),
+                   _random_store(jax.random.fold_in(key, 2 * i + 1), fmt.v, shape, group)) for i in range(copies)]
         calls = max(args.calls, copies)
+        q_dtype = jnp.float16 if "fp16" in (fmt.k, fmt.v) else jnp.bfloat16
+        qs = [jax.random.normal(jax.random.fold_in(key, 1000 + i), (b, h, d), q_dtype) for i in range(calls)]
         pos = jnp.full((b,), length - 1, jnp.int32)
-        qs = [jax.random.normal(jax.random.fold_in(key, 100 + i), (b, h, d), jnp.bfloat16) for i in range(calls)]
-        ref_us = ref_bw = None
-        expected = None
+        arg_sets = [(qs[i], *caches[i % copies]) for i in range(calls)]
+
+        ref_s = expected = None
         if not args.no_reference:
-            ref_fn = lambda q, kk, vv: flash_decode_reference(q, kk, vv, pos)  # noqa: E731
+            ref_fn = lambda q, k, v: flash_decode_reference(q, k, v, pos)  # noqa: E731
             try:
-                t = _bench(ref_fn, [(qs[i], *stores[i % copies]) for i in range(calls)], args.samples)
-                ref_us, ref_bw = t * 1e6, one_bytes / t
-                expected = jax.jit(ref_fn)(qs[0], *stores[0]).astype(jnp.float32)
-            except Exception as e:  # e.g. out of memory at 128k, batch 8: still time the kernel
-                print(f"XLA reference failed for B={b} L={length} {fmt_name}: {type(e).__name__}: {str(e)[:200]}")
-        for bs, ns, nw, nst in knobs:
-            kern = functools.partial(flash_decode, block_s=bs, num_splits=ns, num_warps=nw, num_stages=nst)
-            fn = lambda q, kk, vv: kern(q, kk, vv, pos)  # noqa: E731
-            cfg = default_config("int4" if fmt.k == "int4" else fmt.k, "int4" if fmt.v == "int4" else fmt.v, b, kh, length)
-            cfg = Config(bs or cfg.block_s, ns or default_num_splits(b, kh, length, bs or cfg.block_s),
-                         nw or cfg.num_warps, nst or cfg.num_stages)
+                ref_s, expected = _seconds_per_call(ref_fn, arg_sets, args.samples)
+                expected = expected.astype(jnp.float32)
+            except Exception as e:  # e.g. out of memory: still time the kernel
+                print(f"XLA reference, B={b} L={length} {fmt_name}: {type(e).__name__}: {str(e)[:200]}")
+        kinds = ["dense" if side in kv_cache.DENSE_DTYPES else side for side in (fmt.k, fmt.v)]
+        for knobs in knob_sets:
+            cfg = resolve_config(*kinds, b, kv_heads, length, *knobs)
+            kernel = functools.partial(flash_decode, **dataclasses.asdict(cfg), interpret=args.interpret)
+            fn = lambda q, k, v: kernel(q, k, v, pos)  # noqa: E731
             try:
-                t = _bench(fn, [(qs[i], *stores[i % copies]) for i in range(calls)], args.samples)
-            except Exception as e:  # a knob setting Triton rejects (e.g. shared memory): report, go on
+                t, got = _seconds_per_call(fn, arg_sets, args.samples)
+                got = got.astype(jnp.float32)
+            except Exception as e:  # a knob setting Triton rejects (e.g. too much shared memory)
                 print(f"B={b} L={length} {fmt_name} {cfg}: {type(e).__name__}: {str(e)[:300]}")
                 continue
-            err = "-"
-            if expected is not None:
-                err = f"{float(jnp.max(jnp.abs(jax.jit(fn)(qs[0], *stores[0]).astype(jnp.float32) - expected))):.2e}"
-            bw = one_bytes / t
+            err = "-" if expected is None else f"{float(jnp.max(jnp.abs(got - expected))):.1e}"
             rows.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
-                         f"{t * 1e6:.1f}", f"{bw / 1e9:.0f}", f"{100 * bw / copy_bw:.0f}",
-                         "-" if ref_us is None else f"{ref_us:.1f}",
-                         "-" if ref_bw is None else f"{ref_bw / 1e9:.0f}",
-                         "-" if ref_us is None else f"{ref_us / (t * 1e6):.2f}", err])
+                         f"{t * 1e6:.1f}", f"{nbytes / t / 1e9:.0f}", f"{100 * nbytes / t / copy_bw:.0f}",
+                         "-" if ref_s is None else f"{ref_s * 1e6:.1f}",
+                         "-" if ref_s is None else f"{nbytes / ref_s / 1e9:.0f}",
+                         "-" if ref_s is None else f"{ref_s / t:.2f}", err])
             print(" | ".join(map(str, rows[-1])), flush=True)
-        del stores, k0, v0, qs, expected
+            if t < best.get((b, length, fmt_name), (float("inf"),))[0]:
+                best[(b, length, fmt_name)] = (t, cfg)
+        del caches, arg_sets, qs, expected
         gc.collect()
-    print()
-    print(f"flash_decode on {env['jax_device_kind']}: H={h}, K={kh}, D={d}, query at position L-1 of an L-slot cache; "
-          f"GB/s = K+V bytes (data, scales, zeros) / time; % copy = of {copy_bw / 1e9:.0f} GB/s measured above")
+
+    print(f"\nflash_decode on {card}: H={h}, K={kv_heads}, D={d}; the query at position L-1 of an L-slot "
+          f"cache; GB/s = K and V bytes read (data, scales, zeros) / time; % copy = of the {copy_bw / 1e9:.0f} "
+          f"GB/s measured above; x XLA = XLA reference time / kernel time; median of {args.samples} runs")
     print(common.format_table(headers, rows))
+    if len(knob_sets) > 1 or len(best) > 1:
+        print("\nbest configuration per case; x bf16 = bf16 kernel time / this format's kernel time")
+        summary = []
+        for (b, length, fmt_name), (t, cfg) in best.items():
+            base = best.get((b, length, "bf16"))
+            summary.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
+                            f"{t * 1e6:.1f}", f"{100 * _cache_bytes(b, length, fmt_name, kv_heads, d) / t / copy_bw:.0f}",
+                            "-" if base is None else f"{base[0] / t:.2f}"])
+        print(common.format_table(["B", "L", "format", "block_s", "splits", "warps", "stages", "us", "% copy",
+                                   "x bf16"], summary))
+
+
+def _cache_bytes(batch: int, length: int, fmt_name: str, kv_heads: int, head_dim: int) -> int:
+    """Bytes of K and V (data, scales, zeros) of a [B, L, K, D] cache in format `fmt_name`."""
+    fmt = kv_cache.parse_format(fmt_name)
+    group = min(fmt.group, head_dim)
+    shape = (batch, length, kv_heads, head_dim)
+    stores = jax.eval_shape(lambda: (_random_store(jax.random.key(0), fmt.k, shape, group),
+                                     _random_store(jax.random.key(1), fmt.v, shape, group)))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(stores))
 
 
 if __name__ == "__main__":

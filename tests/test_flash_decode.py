@@ -1,0 +1,294 @@
+"""flash_decode (pallas_kernels/flash_decode.py): numerics in interpret mode against its
+float32 oracle, for every cache format; the kernel's inline-PTX integer conversions
+through a small PTX emulator; deviceless lowering of the shipped defaults to Triton.
+
+Tolerance. The oracle is `flash_decode_reference` with a float32 q: float32 dequantization
+and softmax throughout. The kernel sees the same stored values (dots of exact integers or
+cache values, float32 accumulation), so its scores match the oracle's to float32
+rounding. Its only coarse roundings, with u the unit roundoff of q's dtype (2^-8 bf16,
+2^-11 fp16), are
+  - the probabilities (times the V scale for int8/int4 V) cast for the PV dot: each term
+    p_t * w_t is off by at most u * p_t * |w_t|, with w_t = v_t for dense and int8 V and
+    w_t = v_t - zero_t for int4 V; after normalization that is at most
+    u * E_p[|v| (+ |zero|)], the attention-weighted mean magnitude, computed below by
+    running the oracle on |v|. (Quantized V is cast to fp16, u = 2^-11, 8x finer than
+    the bf16 u of the bound; that margin absorbs fp16 subnormals, <= 2^-25 |n| a term.)
+  - the output cast to q's dtype: u * |out|.
+An fp16 q adds an absolute term for probabilities in fp16 subnormals. So each element
+must satisfy |out - oracle| <= 1.05 * u * (|oracle| + E_p|w|) + atol with atol = 1e-5
+(+ the fp16 term): a bound, not a fitted number. Rows with few visible keys (positions
+0, 1, 3, block edges, short windows) make a wrong mask or a lost block exceed it by far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ollm_jax import kv_cache
+from pallas_kernels import flash_decode as fd
+from pallas_kernels import on_gpu
+from tests.lowering import assert_lowers_to_triton
+
+
+def make_store(side: str, x: jax.Array, group: int) -> kv_cache.Store:
+    """x [B, S, K, D] float32 in kv_cache side format `side` (real quantization)."""
+    if side in kv_cache.DENSE_DTYPES:
+        return kv_cache.Dense(x.astype(kv_cache.DENSE_DTYPES[side]))
+    if side == "int8":
+        return kv_cache.Int8(*kv_cache.quantize_int8(x))
+    return kv_cache.Int4(*kv_cache.quantize_int4(x, group))
+
+
+def random_kv(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random K and V values [B, S, K, D] float32 (numpy: no RNG compilation), with
+    per-token magnitudes from 0.3 to 3 so that scales differ from token to token."""
+    rng = np.random.default_rng(seed)
+    b, s, k, _ = shape
+    return tuple(
+        (rng.standard_normal(shape) * np.exp(rng.uniform(-1.2, 1.1, (b, s, k, 1)))).astype(np.float32)
+        for _ in range(2)
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def make_stores(kv_format: str, k: jax.Array, v: jax.Array) -> tuple[kv_cache.Store, kv_cache.Store]:
+    """K and V [B, S, K, D] float32 quantized into the stores of `kv_format`."""
+    fmt = kv_cache.parse_format(kv_format)
+    group = min(fmt.group, k.shape[-1])
+    return make_store(fmt.k, k, group), make_store(fmt.v, v, group)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    kv_format: str
+    head_dim: int
+    kv_heads: int
+    g: int  # query heads per KV head
+    max_len: int
+    positions: tuple[int, ...]  # one per row; -1 = padding
+    block_s: int | None = None  # None: shipped defaults
+    num_splits: int | None = None
+    sliding_window: int | None = None
+
+    def __str__(self):
+        w = f"-w{self.sliding_window}" if self.sliding_window else ""
+        knobs = f"-bs{self.block_s}-p{self.num_splits}" if self.block_s else "-defaults"
+        return f"{self.kv_format}-d{self.head_dim}-k{self.kv_heads}g{self.g}-s{self.max_len}{knobs}{w}"
+
+
+# Cache lengths and positions are not multiples of block_s (partial last blocks), some
+# sit on block edges, short rows leave splits empty, -1 is padding; G in {1, 3, 4, 8}.
+CASES = [
+    Case("bf16", 128, 2, 4, 200, (199, 31, -1, 0), 32, 3),
+    Case("fp16", 64, 3, 1, 100, (99, 16, 5), 16, 4),
+    Case("int8", 128, 1, 8, 150, (149, 64, -1), 32, 3),
+    Case("int8", 64, 2, 3, 130, (129, 63, 0), 64, 2),
+    Case("int4-g32", 128, 2, 4, 200, (199, 100, -1), 32, 3),  # N = 4 groups, two per half
+    Case("int4-g64", 128, 1, 1, 77, (76, 40, 3), 16, 5),  # N = 2: one group per half
+    Case("int4-g128", 128, 2, 3, 90, (89, 32, -1), 32, 2),  # N = 1: a group spans both halves
+    Case("int4-g64", 64, 1, 8, 120, (119, 1), 64, 2),  # group clamped to D = 64: N = 1
+    Case("int4-g32", 64, 2, 4, 100, (99, 50, -1), 32, 3),  # N = 2
+    Case("k8v4-g32", 128, 2, 3, 150, (149, 70, 0), 64, 3),
+    Case("k4v8-g64", 64, 2, 8, 110, (109, 33, -1), 32, 2),
+    Case("bf16", 64, 2, 4, 200, (199, 120, 30, -1), 32, 3, sliding_window=50),
+    Case("k8v4-g64", 128, 1, 4, 180, (179, 64, 10), 32, 4, sliding_window=33),
+    Case("int4-g64", 128, 2, 4, 300, (299, 150, -1)),  # shipped defaults (block_s 256)
+]
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def oracle(q, k, v, pos, sliding_window):
+    """(oracle output, E_p[|w|], max |w|): float32 attention over v and over |w|, with
+    |w| = |v| (+ |zero| broadcast to its channels for int4 V); all [B, H, D] but max."""
+    q32 = q.astype(jnp.float32)
+    want = fd.flash_decode_reference(q32, k, v, pos, sliding_window=sliding_window)
+    w_abs = jnp.abs(kv_cache.decode_store(v, jnp.float32))  # [B, S, K, D]
+    if isinstance(v, kv_cache.Int4):
+        w_abs = w_abs + jnp.repeat(jnp.abs(v.zero.astype(jnp.float32)), v.group, axis=-1)
+    mean_abs = fd.flash_decode_reference(q32, k, kv_cache.Dense(w_abs), pos, sliding_window=sliding_window)
+    return want, mean_abs, jnp.max(w_abs)
+
+
+# Interpret mode everywhere; on a GPU also the compiled kernel (with its inline PTX).
+MODES = ["interpret"] + (["gpu"] if on_gpu() else [])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_float32_oracle(case: Case, mode: str):
+    seed = CASES.index(case)
+    b, h, d = len(case.positions), case.kv_heads * case.g, case.head_dim
+    k, v = make_stores(case.kv_format, *random_kv((b, case.max_len, case.kv_heads, d), seed))
+    q_dtype = jnp.float16 if case.kv_format == "fp16" else jnp.bfloat16
+    # Scores of standard deviation ~2: peaked softmaxes, so single keys matter.
+    q = jnp.asarray(2.0 * np.random.default_rng(seed + 1000).standard_normal((b, h, d)), q_dtype)  # [B, H, D]
+    pos = np.array(case.positions, np.int32)
+
+    out = fd.flash_decode(
+        q, k, v, pos, sliding_window=case.sliding_window, block_s=case.block_s,
+        num_splits=case.num_splits, interpret=mode == "interpret",
+    )
+    assert out.shape == (b, h, d) and out.dtype == q_dtype
+    out = np.asarray(out.astype(jnp.float32))
+    assert np.isfinite(out).all(), "non-finite output (padding rows included)"
+
+    want, mean_abs, max_abs = map(np.asarray, oracle(q, k, v, pos, case.sliding_window))
+    u = float(jnp.finfo(q_dtype).eps) / 2
+    atol = 1e-5
+    if q_dtype == jnp.float16:  # probabilities below 2^-14 keep an absolute error <= 2^-25
+        atol += case.max_len * 2.0**-25 * max_abs
+    tol = 1.05 * u * (np.abs(want) + mean_abs) + atol
+
+    rows = np.array(case.positions) >= 0  # padding rows: finite is all that is asked
+    err = np.abs(out - want)[rows]
+    worst = np.unravel_index(np.argmax(err - tol[rows]), err.shape)
+    assert (err <= tol[rows]).all(), (
+        f"max |err| {err.max():.3g}; worst excess at {worst}: err {err[worst]:.3g} > tol {tol[rows][worst]:.3g}"
+    )
+
+
+def test_combine_splits_empty_and_padding():
+    """Splits that saw no key (m = _MASKED, l = 0) drop out; a row no split saw gives 0."""
+    o = jnp.array([[[[[2.0, 4.0]], [[0.0, 0.0]], [[6.0, 2.0]]]]])  # [B=1, K=1, P=3, G=1, D=2]
+    m = jnp.array([[[[0.0], [fd._MASKED], [1.0]]]])  # [1, 1, 3, 1]: log2 units
+    l = jnp.array([[[[1.0], [0.0], [3.0]]]])
+    got = fd.combine_splits(o, m, l)  # weights 0.5, 0, 1 after the max (1) is taken out
+    np.testing.assert_allclose(got[0, 0, 0], (0.5 * np.array([2.0, 4.0]) + [6.0, 2.0]) / (0.5 + 3.0), rtol=1e-6)
+    empty = fd.combine_splits(jnp.zeros_like(o), jnp.full_like(m, fd._MASKED), jnp.zeros_like(l))
+    assert np.all(np.asarray(empty) == 0)
+
+
+def test_default_num_splits_fill_the_gpu():
+    # 1 x 8 programs per split need 66 splits for 4 programs per SM on 132 SMs.
+    assert fd.default_num_splits(1, 8, 131072, 128) == 66
+    assert fd.default_num_splits(8, 8, 131072, 128) == 9
+    # ... but never fewer than 2 blocks per split at the full cache length.
+    assert fd.default_num_splits(1, 8, 8192, 128) == 32
+    assert fd.default_num_splits(4, 2, 100, 128) == 1
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(q_dtype=jnp.float32), "bfloat16 or float16"),
+        (dict(h=12, kv_heads=8), "not a multiple"),
+        (dict(pos_shape=(3,)), "q_positions"),
+        (dict(block_s=48), "power of two"),
+        (dict(v_len=32), "different shapes"),
+        (dict(head_dim=96), "head_dim"),
+    ],
+)
+def test_bad_inputs_raise(change, match):
+    b, s, kv_heads, h, d = 2, 64, change.get("kv_heads", 2), change.get("h", 4), change.get("head_dim", 64)
+    q = jnp.zeros((b, h, d), change.get("q_dtype", jnp.bfloat16))
+    k = kv_cache.Dense(jnp.zeros((b, s, kv_heads, d), jnp.bfloat16))
+    v = kv_cache.Dense(jnp.zeros((b, change.get("v_len", s), kv_heads, d), jnp.bfloat16))
+    pos = jnp.zeros(change.get("pos_shape", (b,)), jnp.int32)
+    with pytest.raises(ValueError, match=match):
+        fd.flash_decode(q, k, v, pos, block_s=change.get("block_s"), interpret=True)
+    if "pos_shape" not in change and "block_s" not in change:
+        assert not fd.supports(q, k, v)
+
+
+def test_supports():
+    q = jnp.zeros((2, 8, 64), jnp.bfloat16)
+    x = jnp.zeros((2, 16, 2, 64))
+    assert fd.supports(q, make_store("int8", x, 64), make_store("int4", x, 32))
+    assert not fd.supports(q, kv_cache.Dense(x), kv_cache.Dense(x))  # fp32 cache
+
+
+# ----------------------------------------------------------------------------- lowering
+
+FORMATS = ("bf16", "fp16", "int8", "int4-g32", "int4-g64", "int4-g128", "k8v4", "k4v8")
+
+
+def _assert_lowers(kv_format: str, batch: int, max_len: int, heads: int, kv_heads: int, head_dim: int, **knobs):
+    fmt = kv_cache.parse_format(kv_format)
+    group = min(fmt.group, head_dim)
+    shape = (batch, max_len, kv_heads, head_dim)
+    stores = jax.eval_shape(lambda: tuple(make_store(side, jnp.zeros(shape), group) for side in (fmt.k, fmt.v)))
+    leaves, tree = jax.tree.flatten(stores)
+    q_dtype = jnp.float16 if kv_format == "fp16" else jnp.bfloat16
+
+    def fn(q, pos, *leaves):
+        k, v = jax.tree.unflatten(tree, leaves)
+        return fd.flash_decode(q, k, v, pos, **knobs)
+
+    q = jax.ShapeDtypeStruct((batch, heads, head_dim), q_dtype)
+    pos = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    assert_lowers_to_triton(fn, q, pos, *leaves)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kv_format", FORMATS)
+def test_defaults_lower_to_triton(kv_format, head_dim):
+    """The shipped defaults for Llama-3.x shapes (32 query heads, 8 KV heads) at the
+    sweep's batch sizes and lengths; a cache length no block size divides; a window."""
+    for batch, max_len in ((1, 32768), (8, 131072), (1, 1000)):
+        _assert_lowers(kv_format, batch, max_len, 32, 8, head_dim)
+    _assert_lowers(kv_format, 2, 4096, 32, 8, head_dim, sliding_window=1024)
+
+
+@pytest.mark.parametrize("block_s", [64, 128, 256])
+def test_tuning_grid_lowers_to_triton(block_s):
+    """The block sizes of the GPU tuning grid, for the formats the sweep measures."""
+    for kv_format in ("bf16", "int8", "int4"):
+        for num_warps, num_stages in ((4, 3), (8, 2)):
+            _assert_lowers(kv_format, 1, 32768, 32, 8, 128, block_s=block_s, num_warps=num_warps, num_stages=num_stages)
+
+
+# ------------------------------------------------------------------------------ PTX
+
+def _emulate_ptx(asm: str, word: int) -> tuple[int, int]:
+    """Runs the few PTX instructions the kernel's conversions use ($0, $1 outputs,
+    $2 the input word) and returns the two output words."""
+    regs = {"$2": word}
+
+    def val(x):
+        return regs[x] if x in regs else int(x, 16) & 0xFFFFFFFF
+
+    for line in asm.replace("{", "").replace("}", "").split(";"):
+        parts = line.replace(",", " ").split()
+        if not parts or parts[0] == ".reg":
+            continue
+        op, dst, *src = parts
+        a = [val(x) for x in src]
+        if op == "mov.b32":
+            regs[dst] = a[0]
+        elif op == "xor.b32":
+            regs[dst] = a[0] ^ a[1]
+        elif op == "and.b32":
+            regs[dst] = a[0] & a[1]
+        elif op == "prmt.b32":  # default mode: byte i of dst = byte sel_i of {b, a}
+            pool = a[0].to_bytes(4, "little") + a[1].to_bytes(4, "little")
+            regs[dst] = int.from_bytes(bytes(pool[(a[2] >> (4 * i)) & 7] for i in range(4)), "little")
+        elif op == "sub.f16x2":
+            x, y = (np.array([v], np.uint32).view(np.float16) for v in a[:2])
+            regs[dst] = int((x - y).view(np.uint32)[0])
+        else:
+            raise NotImplementedError(op)
+    return regs["$0"], regs["$1"]
+
+
+@pytest.mark.parametrize(
+    "asm, want",
+    [
+        (fd.PTX_INT8_TO_FP16, lambda b: b.view(np.int8)),
+        (fd.PTX_INT4_LOW_TO_FP16, lambda b: b & 0x0F),
+        (fd.PTX_INT4_HIGH_TO_FP16, lambda b: b & 0xF0),
+    ],
+    ids=["int8", "int4-low", "int4-high-x16"],
+)
+def test_ptx_conversions_exact(asm, want):
+    """Each byte of a 32-bit word becomes one fp16 of the two output words (element i
+    = byte i, output element order low half first), exactly, for all 256 byte values."""
+    for start in range(0, 256, 4):
+        data = np.arange(start, start + 4, dtype=np.uint8)
+        out = np.array(_emulate_ptx(asm, int(data.view(np.uint32)[0])), np.uint32).view(np.float16)
+        np.testing.assert_array_equal(out, want(data).astype(np.float16))
