@@ -394,6 +394,8 @@ def main(argv=None) -> int:
     if hf_reason:
         print(f"HF          skipped ({hf_reason})")
 
+    if torch_bw is None:  # HF skipped or failed: torch copy_ still sets the ceiling where torch exists
+        torch_bw = common.torch_copy_bandwidth_in_child(int(args.copy_gib * 2**30))
     copy = common.copy_bandwidth(int(args.copy_gib * 2**30), torch_bw)
     bandwidth = copy["used_Bps"]
     print(f"copy BW     jax x+1 {copy['jax_Bps'] / 1e9:,.0f} GB/s; torch copy_ "

@@ -55,6 +55,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from ollm_jax.config import ModelConfig
@@ -66,7 +67,15 @@ MIXED = {"k8v4": ("int8", "int4"), "k4v8": ("int4", "int8"), "kivi4": ("kivi4", 
 KV_FORMATS = (*DENSE_DTYPES, "int8", "int4", *MIXED)
 INT4_GROUPS = (32, 64, 128)
 DEFAULT_INT4_GROUP = 64
+KERNEL_WRITES_DENSE = False  # "auto" writes dense stores with XLA (see `_write_store`)
 SCALE_DTYPE = jnp.float16  # scales and zero points: fp16 keeps int8 at 1.94x even for D=64
+# Scales are statistics times these f32 constants (not divided by 127 or 15), and values
+# are multiplied by `reciprocal_fp16(scale)` (not divided by the scale): a division's
+# result depends on the backend (XLA's GPU f32 division is `div.full`, Triton's too,
+# the CPU's is IEEE), a multiplication's does not, so the fused GPU kernel
+# (`pallas_kernels.quantize_append`) reproduces this module bit for bit.
+INV127 = np.float32(1.0) / np.float32(127.0)
+INV15 = np.float32(1.0) / np.float32(15.0)
 
 
 # ----------------------------------------------------------------------------- formats
@@ -151,12 +160,32 @@ class Kivi4:
 Store = Dense | Int8 | Int4 | Kivi4
 
 
+def reciprocal_fp16(scale: jax.Array) -> jax.Array:
+    """1 / scale as f32, correctly rounded (IEEE), for fp16 scales >= 0; 0 -> 1, inf -> 0.
+
+    Integer arithmetic only, so every backend (XLA CPU and GPU, a Triton kernel) gives
+    the same bits: an fp16 value is m * 2^(e - 137) with an 11-bit significand m in
+    [1024, 2047] (e: its f32 biased exponent), so 1 / scale = round(2^34 / m) * 2^(103 - e),
+    and round(2^34 / m) in [2^23, 2^24] is an exact integer division (no ties: m would
+    have to divide 2^35 without dividing 2^34).
+    """
+    s32 = scale.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.where(s32 == 0, 1.0, s32), jnp.int32)
+    e = bits >> 23  # biased exponent (the sign bit is 0)
+    m = ((bits >> 13) & 1023) + 1024  # the significand; fp16 leaves the low 13 bits 0
+    a = jax.lax.div(jnp.int32(1 << 30), m)  # 2^34 / m = 16 * 2^30 / m, in int32 steps
+    r = ((1 << 30) - a * m) * 16
+    b = jax.lax.div(r, m)
+    q = a * 16 + b + (2 * (r - b * m) > m).astype(jnp.int32)  # round(2^34 / m)
+    inv = jax.lax.bitcast_convert_type(((253 - e) << 23) + q - (1 << 23), jnp.float32)
+    return jnp.where(s32 == jnp.inf, 0.0, inv)
+
+
 def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [..., D] -> (q int8 [..., D], scale fp16 [...]): symmetric, absmax / 127."""
     x32 = x.astype(jnp.float32)
-    scale = (jnp.max(jnp.abs(x32), axis=-1) / 127.0).astype(SCALE_DTYPE)  # [...]
-    s32 = scale.astype(jnp.float32)[..., None]
-    q = jnp.round(x32 / jnp.where(s32 == 0, 1.0, s32))
+    scale = (jnp.max(jnp.abs(x32), axis=-1) * INV127).astype(SCALE_DTYPE)  # [...]
+    q = jnp.round(x32 * reciprocal_fp16(scale)[..., None])
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
@@ -170,9 +199,8 @@ def quantize_int4(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array, jax.A
     g = x.astype(jnp.float32).reshape(*lead, d // group, group)  # [..., N, group]
     lo, hi = jnp.min(g, axis=-1), jnp.max(g, axis=-1)  # [..., N]
     zero = lo.astype(SCALE_DTYPE)
-    scale = ((hi - lo) / 15.0).astype(SCALE_DTYPE)
-    s32 = scale.astype(jnp.float32)[..., None]
-    n = jnp.round((g - zero.astype(jnp.float32)[..., None]) / jnp.where(s32 == 0, 1.0, s32))
+    scale = ((hi - lo) * INV15).astype(SCALE_DTYPE)
+    n = jnp.round((g - zero.astype(jnp.float32)[..., None]) * reciprocal_fp16(scale)[..., None])
     n = jnp.clip(n, 0, 15).astype(jnp.uint8).reshape(*lead, d)  # [..., D]
     packed = n[..., : d // 2] | (n[..., d // 2 :] << 4)  # [..., D/2]
     return packed, scale, zero
@@ -282,9 +310,8 @@ def _kivi_write(store: Kivi4, x: jax.Array, positions: jax.Array) -> Kivi4:
     groups = window.reshape(b, width // g, g, k, d)  # [B, W/g, g, K, D]
     lo, hi = jnp.min(groups, axis=2), jnp.max(groups, axis=2)  # [B, W/g, K, D]
     zero = lo.astype(SCALE_DTYPE)
-    scale = ((hi - lo) / 15.0).astype(SCALE_DTYPE)
-    s32 = scale.astype(jnp.float32)[:, :, None]
-    n = jnp.round((groups - zero.astype(jnp.float32)[:, :, None]) / jnp.where(s32 == 0, 1.0, s32))
+    scale = ((hi - lo) * INV15).astype(SCALE_DTYPE)
+    n = jnp.round((groups - zero.astype(jnp.float32)[:, :, None]) * reciprocal_fp16(scale)[:, :, None])
     n = jnp.clip(n, 0, 15).astype(jnp.uint8).reshape(b, width, k, d)
     packed = n[..., : d // 2] | (n[..., d // 2 :] << 4)  # [B, W, K, D/2]
 
@@ -366,7 +393,9 @@ def _write_store(store: Store, x: jax.Array, positions: jax.Array, impl: str) ->
     """Encodes x [B, T, K, D] and writes it at [row, position]; padding is dropped."""
     if isinstance(store, Kivi4):
         return _kivi_write(store, x, positions)
-    if impl == "pallas" or (impl == "auto" and on_gpu()):
+    # Dense stores stay with XLA under "auto": its scatter fuses with the RoPE that makes
+    # k, one kernel fewer per layer in decode (measured on an H200; see bench/README.md).
+    if impl == "pallas" or (impl == "auto" and on_gpu() and (KERNEL_WRITES_DENSE or not isinstance(store, Dense))):
         from pallas_kernels import quantize_append  # the kernels import this module
 
         count = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)  # [B]
@@ -391,8 +420,18 @@ def write(
         kivi4 store (and the GPU append kernel) needs each row's valid positions to be
         consecutive and first: start, start + 1, ..., then -1s (as prefill and decode do).
       impl: "auto" (the fused Pallas quantize-and-append kernel on a GPU, XLA's scatter
-        on the CPU), "xla" or "pallas" (interpret mode off the GPU).
+        on the CPU), "xla" or "pallas" (interpret mode off the GPU). The kernel writes
+        K and V in one launch unless a side is kivi4.
     """
+    fused = not isinstance(layer.k, Kivi4) and not isinstance(layer.v, Kivi4) and k.shape == v.shape
+    if fused and (impl == "pallas" or (impl == "auto" and on_gpu())):
+        from pallas_kernels import quantize_append  # the kernels import this module
+
+        count = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)  # [B]
+        start = jnp.where(count > 0, positions[:, 0], 0)
+        k_store, v_store = quantize_append.quantize_append_kv(layer.k, layer.v, k, v, start, count,
+                                                              interpret=not on_gpu())
+        return LayerCache(k=k_store, v=v_store)
     return LayerCache(k=_write_store(layer.k, k, positions, impl), v=_write_store(layer.v, v, positions, impl))
 
 
