@@ -118,10 +118,10 @@ def _slots(cfg: ModelConfig) -> list[_Slot]:
             to_ours = lambda a, s=shape: a.T.reshape(s)
             to_hf = lambda a, e=e, n=n, d=d: a.reshape(e, n * d).T
             hf_shape = (n * d, e)
-        elif leaf == "w_o":  # ours [H, D, E] <- HF [E, H*D]
-            h, d, e = shape
-            to_ours = lambda a, s=shape: a.T.reshape(s)
-            to_hf = lambda a, e=e, h=h, d=d: a.reshape(h * d, e).T
+        elif leaf == "w_o":  # ours [E, H, D] <- HF [E, H*D]
+            e, h, d = shape
+            to_ours = lambda a, s=shape: a.reshape(s)
+            to_hf = lambda a, e=e, h=h, d=d: a.reshape(e, h * d)
             hf_shape = (e, h * d)
         elif leaf in ("b_q", "b_k", "b_v"):  # ours [N, D] <- HF [N*D]
             to_ours = lambda a, s=shape: a.reshape(s)

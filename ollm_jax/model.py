@@ -113,7 +113,9 @@ class Attention(nn.Module):
         w_q = _param(self, "w_q", (e, h, d), ("embed", "q_heads", "head_dim"), _dense_init)
         w_k = _param(self, "w_k", (e, k, d), ("embed", "kv_heads", "head_dim"), _dense_init)
         w_v = _param(self, "w_v", (e, k, d), ("embed", "kv_heads", "head_dim"), _dense_init)
-        w_o = _param(self, "w_o", (h, d, e), ("q_heads", "head_dim", "embed"), _dense_init)
+        # [E, H, D]: the decode GEMV reduces over the minor (H, D) axes, a row reduction XLA
+        # fuses with its multiply; as [H, D, E] it wrote an [H, D, E] temporary per layer.
+        w_o = _param(self, "w_o", (e, h, d), ("embed", "q_heads", "head_dim"), _dense_init)
 
         q = jnp.einsum("bte,ehd->bthd", x, w_q)  # [B, T, H, D]
         k_new = jnp.einsum("bte,ekd->btkd", x, w_k)  # [B, T, K, D]
@@ -133,7 +135,7 @@ class Attention(nn.Module):
             q, layer_cache, positions, sliding_window=cfg.sliding_window, pattern=attn.pattern,
             q_offset=attn.q_offset, impl=attn.impl,
         )  # [B, T, H, D]
-        out = jnp.einsum("bthd,hde->bte", out, w_o)  # [B, T, E]
+        out = jnp.einsum("bthd,ehd->bte", out, w_o)  # [B, T, E]
         if cfg.o_bias:
             out = out + _param(self, "b_o", (e,), ("embed",), nn.initializers.zeros)
         return out, layer_cache

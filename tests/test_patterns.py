@@ -256,4 +256,4 @@ def test_sparsity_notebook_executes():
                                      resources={"metadata": {"path": str(REPO / "notebooks")}})
     client.execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "max |logit difference| vs model.forward" in text and "notebook ran in" in text
+    assert "max |logit difference| vs the model's own attention" in text and "notebook ran in" in text
