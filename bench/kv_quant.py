@@ -129,7 +129,8 @@ def bench_decode_attention(batch, length, args, bandwidth):
         for name, fn in impls.items():
             row = {"batch": batch, "context": length, "impl": name, "kv_bytes": kv_bytes}
             try:
-                sec = time_loop(chain(fn), q, inner=args.inner, reps=args.reps)
+                # time_loop donates its carry: each impl gets its own copy of q.
+                sec = time_loop(chain(fn), jnp.copy(q), inner=args.inner, reps=args.reps)
                 row.update(us=sec * 1e6, GBps=kv_bytes / sec / 1e9, pct_copy=100 * kv_bytes / sec / bandwidth)
             except Exception as e:
                 traceback.print_exc()

@@ -152,7 +152,10 @@ def bench_seq(args, seq: int, key, peak: float | None, on_gpu: bool) -> list[dic
     q = jax.random.normal(kq, (1, seq, h, d), jnp.bfloat16)
     k = jax.random.normal(kk, (1, seq, kh, d), jnp.bfloat16)
     v = jax.random.normal(kv, (1, seq, kh, d), jnp.bfloat16)
-    dq, dk, _, _ = fp.default_config(d)
+    # Tables (and the FLOP count of every pattern, so ratios to dense causal are block
+    # ratios) use the table variant's tiles; the contiguous patterns run their own variant's
+    # defaults (`fp.DEFAULT_CONFIG`) unless --block-q/--block-k/... are given.
+    dq, dk, _, _ = fp.default_config(d, "table")
     bq, bk = args.block_q or dq, args.block_k or dk
     knobs = dict(block_q=args.block_q, block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages)
     launch = None

@@ -4,6 +4,7 @@ from ollm_jax.config import ModelConfig, UnsupportedConfigError
 from ollm_jax.generation import generate
 from ollm_jax.model import forward, init_params, param_specs
 from ollm_jax.sampling import SamplingParams
+from ollm_jax.speculative import speculative_generate
 
 __all__ = [
     "ModelConfig",
@@ -14,6 +15,7 @@ __all__ = [
     "init_params",
     "load",
     "param_specs",
+    "speculative_generate",
 ]
 
 

@@ -160,6 +160,25 @@ class Kivi4:
 Store = Dense | Int8 | Int4 | Kivi4
 
 
+def fp16_to_f32(h: jax.Array) -> jax.Array:
+    """An fp16 array as f32, built from its bits with integer arithmetic.
+
+    Equal to `h.astype(jnp.float32)`, but XLA cannot fuse it away: with its default
+    `xla_allow_excess_precision`, XLA's GPU simplifier folds f32 -> fp16 -> f32 round trips
+    into the unrounded f32, so a scale computed and used in one jit would not be the fp16
+    scale that is stored (and that the Pallas kernel, which rounds, uses). Encoding reads
+    its own scales and zero points through this so both give the same bits.
+    """
+    b = jax.lax.bitcast_convert_type(h.astype(jnp.float16), jnp.uint16).astype(jnp.int32)
+    sign, e5, m10 = b >> 15, (b >> 10) & 31, b & 1023
+    # Normal and inf/nan: rebias the exponent (15 -> 127), widen the significand.
+    e8 = jnp.where(e5 == 31, 255, e5 + 112)
+    wide = jax.lax.bitcast_convert_type((sign << 31) | (e8 << 23) | (m10 << 13), jnp.float32)
+    # Zero and subnormal: m10 * 2^-24 (an exact int -> f32 conversion and power-of-2 scaling).
+    small = jnp.where(sign == 1, -1.0, 1.0) * m10.astype(jnp.float32) * np.float32(2.0**-24)
+    return jnp.where(e5 == 0, small, wide)
+
+
 def reciprocal_fp16(scale: jax.Array) -> jax.Array:
     """1 / scale as f32, correctly rounded (IEEE), for fp16 scales >= 0; 0 -> 1, inf -> 0.
 
@@ -169,7 +188,7 @@ def reciprocal_fp16(scale: jax.Array) -> jax.Array:
     and round(2^34 / m) in [2^23, 2^24] is an exact integer division (no ties: m would
     have to divide 2^35 without dividing 2^34).
     """
-    s32 = scale.astype(jnp.float32)
+    s32 = fp16_to_f32(scale)
     bits = jax.lax.bitcast_convert_type(jnp.where(s32 == 0, 1.0, s32), jnp.int32)
     e = bits >> 23  # biased exponent (the sign bit is 0)
     m = ((bits >> 13) & 1023) + 1024  # the significand; fp16 leaves the low 13 bits 0
@@ -200,7 +219,7 @@ def quantize_int4(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array, jax.A
     lo, hi = jnp.min(g, axis=-1), jnp.max(g, axis=-1)  # [..., N]
     zero = lo.astype(SCALE_DTYPE)
     scale = ((hi - lo) * INV15).astype(SCALE_DTYPE)
-    n = jnp.round((g - zero.astype(jnp.float32)[..., None]) * reciprocal_fp16(scale)[..., None])
+    n = jnp.round((g - fp16_to_f32(zero)[..., None]) * reciprocal_fp16(scale)[..., None])
     n = jnp.clip(n, 0, 15).astype(jnp.uint8).reshape(*lead, d)  # [..., D]
     packed = n[..., : d // 2] | (n[..., d // 2 :] << 4)  # [..., D/2]
     return packed, scale, zero
@@ -311,7 +330,7 @@ def _kivi_write(store: Kivi4, x: jax.Array, positions: jax.Array) -> Kivi4:
     lo, hi = jnp.min(groups, axis=2), jnp.max(groups, axis=2)  # [B, W/g, K, D]
     zero = lo.astype(SCALE_DTYPE)
     scale = ((hi - lo) * INV15).astype(SCALE_DTYPE)
-    n = jnp.round((groups - zero.astype(jnp.float32)[:, :, None]) * reciprocal_fp16(scale)[:, :, None])
+    n = jnp.round((groups - fp16_to_f32(zero)[:, :, None]) * reciprocal_fp16(scale)[:, :, None])
     n = jnp.clip(n, 0, 15).astype(jnp.uint8).reshape(b, width, k, d)
     packed = n[..., : d // 2] | (n[..., d // 2 :] << 4)  # [B, W, K, D/2]
 
@@ -375,17 +394,24 @@ def create(cfg: ModelConfig, batch: int, max_len: int, kv_format: str | None = N
     return KVCache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))
 
 
-def bytes_per_token_per_layer(cfg: ModelConfig, kv_format: str | None = None) -> int:
-    """Bytes one token occupies in one layer's cache, K and V, scales and zeros included.
+def bytes_per_token_per_layer(cfg: ModelConfig, kv_format: str | None = None) -> int | float:
+    """Bytes each further token adds to one layer's cache, K and V, scales and zeros included.
 
-    Measured on the cache itself: the byte size of a one-slot layer cache.
+    Measured on the cache itself: its growth from S to 2S slots, divided by S, so parts
+    fixed per sequence (kivi4's full-precision residual group) are not counted per token.
+    An int where the count is whole (a float where a kivi4 scale is shared by g tokens).
     """
-    cache = jax.eval_shape(lambda: create(cfg, 1, 1, kv_format))
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache.layers[0]))
+    def size(slots: int) -> int:
+        cache = jax.eval_shape(lambda: create(cfg, 1, slots, kv_format))
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache.layers[0]))
+
+    slots = 2 * max(INT4_GROUPS)  # a multiple of every token group
+    per_token = (size(2 * slots) - size(slots)) / slots
+    return int(per_token) if per_token == int(per_token) else per_token
 
 
-def bytes_per_token(cfg: ModelConfig, kv_format: str | None = None) -> int:
-    """Bytes one token occupies in the cache, over all layers (K and V)."""
+def bytes_per_token(cfg: ModelConfig, kv_format: str | None = None) -> int | float:
+    """Bytes each further token adds to the cache, over all layers (K and V)."""
     return cfg.num_layers * bytes_per_token_per_layer(cfg, kv_format)
 
 
@@ -420,11 +446,13 @@ def write(
         kivi4 store (and the GPU append kernel) needs each row's valid positions to be
         consecutive and first: start, start + 1, ..., then -1s (as prefill and decode do).
       impl: "auto" (the fused Pallas quantize-and-append kernel on a GPU, XLA's scatter
-        on the CPU), "xla" or "pallas" (interpret mode off the GPU). The kernel writes
-        K and V in one launch unless a side is kivi4.
+        on the CPU; dense stores stay with XLA, see `_write_store`), "xla" or "pallas"
+        (interpret mode off the GPU). The kernel writes K and V in one launch unless a
+        side is kivi4.
     """
     fused = not isinstance(layer.k, Kivi4) and not isinstance(layer.v, Kivi4) and k.shape == v.shape
-    if fused and (impl == "pallas" or (impl == "auto" and on_gpu())):
+    dense = isinstance(layer.k, Dense) or isinstance(layer.v, Dense)  # "auto" leaves these to XLA
+    if fused and (impl == "pallas" or (impl == "auto" and on_gpu() and (KERNEL_WRITES_DENSE or not dense))):
         from pallas_kernels import quantize_append  # the kernels import this module
 
         count = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)  # [B]

@@ -81,6 +81,10 @@ class BlockTables:
     seq_k: int  # S (the pattern's key axis; MultiScale's is longer than the cache)
     q_offset: int
     kept_elements: int  # visible (query, key) pairs summed over table heads
+    # The pattern itself when its partial blocks' element masks are cheap formulas of
+    # (query position, key position) that the kernel evaluates in registers instead of
+    # loading a tile (`Pattern.kernel_mask`); None: the kernel loads `tiles`.
+    formula: "Pattern | None" = None
 
     @property
     def num_heads(self) -> int:
@@ -143,7 +147,11 @@ def _grid(t: int, s: int, block_q: int, block_k: int, q_offset: int) -> _Grid:
 # ----------------------------------------------------------------------------- terms
 # A term is one way a key can be visible. Each gives its elementwise mask (numpy or
 # jax.numpy, `xp`) and, for a grid of blocks, (full, touch): full exact (every pair in
-# the block visible), touch conservative (some pair may be visible).
+# the block visible), touch conservative (some pair may be visible). Terms with
+# `in_kernel = True` also give `kernel_mask(p, s)`: the same mask written for the Pallas
+# kernel (p [bq, 1] query positions, s [1, bk] key positions, int32; None = all
+# visible), with the per-row and per-column parts computed on the small vectors so the
+# per-element work is a compare or two.
 
 
 def _band(g: _Grid, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
@@ -162,8 +170,13 @@ def _columns(g: _Grid, kept_before) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class Everything:
+    in_kernel = True
+
     def mask(self, p, s, xp, extent):
         return xp.ones(xp.broadcast_shapes(xp.shape(p), xp.shape(s)), bool)
+
+    def kernel_mask(self, p, s):
+        return None
 
     def classify(self, g: _Grid):
         ones = np.ones((g.q_lo.shape[0], g.k_lo.shape[1]), bool)
@@ -175,9 +188,13 @@ class Window:
     """p - s < window (combined with causality: the `window` most recent keys)."""
 
     window: int
+    in_kernel = True
 
     def mask(self, p, s, xp, extent):
         return p - s < self.window
+
+    def kernel_mask(self, p, s):
+        return s > p - self.window  # [bq, 1] subtract, one compare per element
 
     def classify(self, g: _Grid):
         return _band(g, -math.inf, self.window - 1)
@@ -189,10 +206,21 @@ class DilatedWindow:
 
     window: int
     dilation: int
+    in_kernel = True
 
     def mask(self, p, s, xp, extent):
         d = p - s
         return (d >= 0) & (d < self.window * self.dilation) & (d % self.dilation == 0)
+
+    def kernel_mask(self, p, s):
+        d = p - s
+        if self.dilation & (self.dilation - 1) == 0:
+            on_grid = (d & (self.dilation - 1)) == 0
+        else:
+            from jax import lax  # the kernel's integer remainder (no floor-mod select)
+
+            on_grid = lax.rem(d, self.dilation) == 0  # d < 0 is rejected below anyway
+        return (d >= 0) & (d < self.window * self.dilation) & on_grid
 
     def classify(self, g: _Grid):
         full, touch = _band(g, 0, self.window * self.dilation - 1)
@@ -205,9 +233,19 @@ class PeriodicColumns:
 
     width: int
     period: int | None = None
+    in_kernel = True
 
     def mask(self, p, s, xp, extent):
         return (s < self.width) if self.period is None else (s % self.period < self.width)
+
+    def kernel_mask(self, p, s):  # key-only: [1, bk]
+        if self.period is None:
+            return s < self.width
+        if self.period & (self.period - 1) == 0:
+            return (s & (self.period - 1)) < self.width
+        from jax import lax
+
+        return lax.rem(s, self.period) < self.width  # s >= 0
 
     def classify(self, g: _Grid):
         if self.period is None:
@@ -220,6 +258,7 @@ class PeriodicColumns:
 class KeySet:
     """s in a set of positions (Longformer's global tokens, as keys)."""
 
+    in_kernel = False  # a set or table lookup: the kernel loads mask tiles
     positions: tuple[int, ...]
 
     def mask(self, p, s, xp, extent):
@@ -234,6 +273,7 @@ class KeySet:
 class QuerySet:
     """p in a set of positions: those queries see every (earlier) key."""
 
+    in_kernel = False  # a set or table lookup: the kernel loads mask tiles
     positions: tuple[int, ...]
 
     def mask(self, p, s, xp, extent):
@@ -262,6 +302,7 @@ def _random_block_matrix(num_blocks: int, num_random: int, seed: int) -> np.ndar
 class RandomBlocks:
     """(p // block, s // block) in a seeded random block set (BigBird)."""
 
+    in_kernel = False  # a set or table lookup: the kernel loads mask tiles
     block: int
     num_random: int
     seed: int
@@ -289,6 +330,7 @@ class RandomBlocks:
 class KeyRange:
     """lo(p) <= s < hi(p) with lo, hi non-decreasing in p (MultiScale's levels)."""
 
+    in_kernel = False  # a set or table lookup: the kernel loads mask tiles
     lo: Any  # callable (p, xp) -> array; hashable (a frozen dataclass method)
     hi: Any
 
@@ -340,6 +382,26 @@ class Pattern:
             m = term.mask(p, s, xp, extent)
             vis = m if vis is None else vis | m
         return (vis & (s <= p)) if self.causal else vis
+
+    @property
+    def in_kernel_mask(self) -> bool:
+        """True when every term has a cheap in-kernel formula (`kernel_mask`)."""
+        return all(getattr(t, "in_kernel", False) for t in self.terms())
+
+    def kernel_mask(self, p, s, *, causal: bool = True):
+        """`mask` for the Pallas kernel: p [bq, 1] and s [1, bk] int32 positions -> bool
+        [bq, bk] or [1, bk] (None: every pair visible). Only when `in_kernel_mask`.
+        causal=False leaves out `s <= p` (the kernel folds it into a per-row bound)."""
+        vis = None
+        for term in self.terms():
+            m = term.kernel_mask(p, s)
+            if m is None:  # this term keeps everything: the union is everything
+                vis = None
+                break
+            vis = m if vis is None else vis | m
+        if not (causal and self.causal):
+            return vis
+        return (s <= p) if vis is None else vis & (s <= p)
 
     def classify(self, g: _Grid, seq_k: int) -> tuple[np.ndarray, np.ndarray]:
         """(full, touch) [nq, nk] bool over a block grid: full exact, touch a superset."""
@@ -451,7 +513,7 @@ def _block_tables(pattern: Pattern, seq_q: int, seq_k: int, block_q: int, block_
     return BlockTables(
         full_idx=full_idx[None], full_cnt=full_cnt[None], part_idx=part_idx[None], part_tile=part_tile[None],
         part_cnt=part_cnt[None], tiles=tiles, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=s_len,
-        q_offset=q_offset, kept_elements=kept,
+        q_offset=q_offset, kept_elements=kept, formula=pattern if pattern.in_kernel_mask else None,
     )
 
 
@@ -603,6 +665,10 @@ class PerHead(Pattern):
     def num_heads(self) -> int:
         return len(self.patterns)
 
+    @property
+    def in_kernel_mask(self) -> bool:
+        return False  # one kernel serves every head: per-head tiles
+
     def mask(self, p, s, xp=np, *, extent=None, seq_k=None):
         return xp.stack([pat.mask(p, s, xp, extent=extent, seq_k=seq_k) for pat in self.patterns])
 
@@ -647,6 +713,10 @@ class MultiScale(Pattern):
     spans: tuple[int, ...] | None = None  # default: 4 * window for each level but the last
 
     causal = False  # the level-0 range already ends at p
+
+    @property
+    def in_kernel_mask(self) -> bool:
+        return False  # level boundaries: tiles
 
     def __post_init__(self):
         if not self.pools or any(b % a for a, b in zip(self.pools, self.pools[1:])):

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from ollm_jax import patterns as patterns_lib
+from pallas_kernels import on_gpu
 
 log = logging.getLogger("ollm_jax.router")
 
@@ -107,10 +108,6 @@ def attention(
 # ----------------------------------------------------------------------------- choice
 
 
-def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
-
-
 def _static_int(x) -> int | None:
     """x as a Python int if it is concrete, else None."""
     try:
@@ -131,7 +128,7 @@ def _pallas_problem(pattern, q, k, q_offset) -> str | None:
 
 
 def _cudnn_problem(pattern, q, k, q_offset) -> str | None:
-    if not _on_gpu():
+    if not on_gpu():
         return "no GPU"
     if not pattern.contiguous:
         return f"{pattern.name} is not dense causal or a sliding window"
@@ -197,7 +194,7 @@ def choose(pattern, q, k, *, impl: str = "auto", q_offset=0) -> tuple[str, str]:
         problem = _cudnn_problem(pattern, q, k, q_offset)
         return ("cudnn", "asked for") if problem is None else ("xla", f"cudnn asked for, but {problem}")
     # auto
-    if not _on_gpu():
+    if not on_gpu():
         return "xla", f"backend {jax.default_backend()} (kernels are for the GPU; interpret mode is for tests)"
     cudnn_problem = _cudnn_problem(pattern, q, k, q_offset)
     usable = {"pallas": pallas_problem is None, "cudnn": cudnn_problem is None, "xla": True}
@@ -227,7 +224,7 @@ def _run(impl, q, k, v, lengths, *, pattern, q_offset, sm_scale, knobs):
             key_value_seq_lengths=None if lengths is None else jnp.asarray(lengths, jnp.int32),
             local_window_size=None if window is None else (window - 1, 0),
         )
-    interpret = not _on_gpu()
+    interpret = not on_gpu()
     if isinstance(pattern, patterns_lib.MultiScale):
         off = _static_int(q_offset) if impl == "pallas" else q_offset
         return multiscale.multiscale_attention(q, k, v, pattern, q_offset=off, lengths=lengths, impl=impl,
@@ -264,7 +261,7 @@ _PROBED: dict[Any, str | None] = {}
 
 def _probe(run, q, k, v, lengths, impl, pattern, q_offset, knobs) -> str | None:
     """On a GPU, compiles `run` once per configuration; returns the failure, or None."""
-    if not _on_gpu():
+    if not on_gpu():
         return None
     static_off = _static_int(q_offset)
     key = (impl, pattern, q.shape, str(q.dtype), k.shape, static_off if static_off is not None else "traced",

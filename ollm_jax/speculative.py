@@ -88,7 +88,7 @@ class SpeculativeState:
 
 
 def prompt_lookup(context: jax.Array, last: jax.Array, num_draft: int,
-                  max_ngram: int = PROMPT_LOOKUP_MAX_NGRAM) -> tuple[jax.Array, jax.Array]:
+                  max_ngram: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Drafts the tokens that followed the most recent earlier match of the context's last
     n-gram (the longest n in max_ngram .. 1 that matches), on device.
 
@@ -100,9 +100,11 @@ def prompt_lookup(context: jax.Array, last: jax.Array, num_draft: int,
       context: [B, C] int32 tokens; row b is valid up to index last[b].
       last: [B] int32 index of each row's last token.
       num_draft: G, the number of tokens to propose.
+      max_ngram: the longest n tried (default PROMPT_LOOKUP_MAX_NGRAM).
     Returns:
       drafts [B, G] int32 and their count [B] int32 (G where a match exists, else 0).
     """
+    max_ngram = max_ngram or PROMPT_LOOKUP_MAX_NGRAM
     batch, slots = context.shape
     j = jnp.arange(slots, dtype=jnp.int32)[None, :]  # [1, C] candidate match starts
     start = jnp.full((batch,), -1, jnp.int32)  # [B] first continuation index, -1 = none
@@ -143,12 +145,16 @@ def _draft_model(draft_params: Params, draft_cfg: ModelConfig, s: SpeculativeSta
     rows = jnp.arange(batch)
     prev_tok = s.context[rows, last_pos - 1]  # [B] x_{P-1}
     last_tok = s.context[rows, last_pos]  # [B] x_P
-    # Step 0 feeds x_{P-1} too when the previous round left it out of the draft cache.
-    behind = s.draft_cache.lengths < last_pos  # [B]
-    pos = jnp.stack([jnp.where(active & behind, last_pos - 1, -1), jnp.where(active, last_pos, -1)], axis=1)  # [B, 2]
+    # Step 0 feeds x_{P-1} too when the previous round left it out of the draft cache;
+    # valid positions come first (kivi4 caches need consecutive positions, then -1s).
+    behind = (s.draft_cache.lengths < last_pos)[:, None]  # [B, 1]
+    tokens = jnp.where(behind, jnp.stack([prev_tok, last_tok], 1), jnp.stack([last_tok, prev_tok], 1))  # [B, 2]
+    p = last_pos[:, None]  # [B, 1]
+    pos = jnp.where(behind, jnp.concatenate([p - 1, p], 1), jnp.concatenate([p, jnp.full_like(p, -1)], 1))
+    pos = jnp.where(active[:, None], pos, -1)  # [B, 2]
     logits, cache = forward(
-        draft_params, draft_cfg, jnp.stack([prev_tok, last_tok], axis=1), pos, s.draft_cache,
-        logits_index=jnp.ones((batch, 1), jnp.int32), attention_impl=attention_impl,
+        draft_params, draft_cfg, tokens, pos, s.draft_cache,
+        logits_index=behind.astype(jnp.int32), attention_impl=attention_impl,
     )  # [B, 1, V]
     first, probs = _draft_sample(logits[:, 0], jax.random.fold_in(key, 0), sampling)
     drafts = jnp.full((batch, num_draft), PAD_ID, jnp.int32).at[:, 0].set(first)  # [B, G]
@@ -294,8 +300,8 @@ def run(
         t = jnp.arange(prompt_len, dtype=jnp.int32)[None, :]  # [1, T]
         _, draft_cache = forward(
             draft_params, draft_cfg, prompt_tokens, jnp.where(t < prompt_lengths[:, None], t, -1), draft_cache,
-            logits_index=(prompt_lengths - 1)[:, None], attention_impl=attention_impl,
-        )
+            logits_index=(prompt_lengths - 1)[:, None], attention_impl=attention_impl, q_offset=0,
+        )  # logits unused (dropped by XLA): the draft's first token comes from the loop
         # Memory-bound decoding: a step costs about the bytes of weights it reads.
         draft_cost = max(_param_bytes(draft_cfg) / _param_bytes(cfg), _MIN_DRAFT_COST)
 

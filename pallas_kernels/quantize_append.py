@@ -1,34 +1,42 @@
-"""Fused quantize-and-append: new K or V values into a KV cache store in one pass.
+"""Fused quantize-and-append: new K and/or V values into KV cache stores in one pass.
 
 Reads new values x [B, T, K, D] once and writes them, quantized in the store's format,
 straight into the cache buffers at per-sequence contiguous positions start[b] + t for
 t < count[b]: int8 data and its scales, packed int4 nibbles with their scales and zero
 points, or (Dense) a plain cast. The cache buffers are aliased to the kernel's outputs
-(`input_output_aliases`), so under jit with the store donated nothing is copied.
+(`input_output_aliases`), so under jit with the stores donated nothing is copied.
+`quantize_append` fills one store; `quantize_append_kv` fills a layer's K and V stores
+(any two of Dense/Int8/Int4) in one launch.
 
-The result equals `ollm_jax.kv_cache.write` bit for bit, under jit on the same device:
+The result equals `ollm_jax.kv_cache.write(..., impl="xla")` bit for bit, on the CPU
+(interpret mode) and on the GPU, because no step has a backend-dependent result:
 
-- scales: f32 absmax (int8) or max - min (int4) times the f32 reciprocal of 127 or 15
-  (what XLA makes of a division by a constant on every backend), rounded to fp16;
-- values: divided by the fp16-rounded scale (1.0 where it is 0), rounded half to even,
-  clipped. Triton lowers an f32 division to the approximate `div.full.f32`, so on the
-  GPU the kernel divides with an inline `div.rn.f32` (IEEE, as XLA's GPU `fdiv`). In
-  interpret mode the kernel body is compiled by XLA's CPU backend, which rewrites
-  x / broadcast(s) into x * broadcast(1 / s) in the reference and the kernel alike.
-  The Triton lowering has no `round`; `_rint` rounds exactly by adding 1.5 * 2^23.
+- scales: f32 absmax (int8) or max - min (int4) times the f32 constant 1 / 127 or 1 / 15,
+  rounded to fp16 (`kv_cache.INV127`, `INV15`);
+- values: multiplied by `kv_cache.reciprocal_fp16(scale)` (the exact f32 reciprocal,
+  computed once per token and head, or per group, with integer operations only: f32
+  division differs between XLA's CPU, XLA's GPU `div.full` and Triton), clipped, then
+  rounded half to even. Triton lowers no `round`; `_rint` adds 1.5 * 2^23 (after the
+  clip, so no compiler can fuse the multiply and the add into an FMA) and reads the
+  integer from the low mantissa bits.
 
 Which slots are written: for t < count[b] with start[b] + t < S; padding (t >= count[b])
 and positions >= S are not written, exactly as `write` with positions -1 / past the end.
 `start` must be >= 0 (positions come from the caller's own lengths).
 
-Layout: one program per (KV head, block of `block_t` new tokens, sequence). Triton has
-no scalar prefetch, so start/count arrive as int32 arrays and the cache outputs are
-whole-array (untiled) refs written at dynamic `pl.ds` row offsets under a row mask; x is
-whole-array too, read under the same mask (the last block may run past T).
+Layout: one program per (group of `heads` KV heads, block of `block_t` new tokens,
+sequence); it loads a [block_t, heads, D] tile (all heads by default, so the tile is one
+contiguous stretch of x and of the cache) and, for a fused K+V call, does the same for
+V. Triton has no scalar prefetch, so start/count arrive as int32 arrays and x and the
+cache buffers are whole-array (untiled) refs addressed at dynamic `pl.ds` offsets under
+a row mask (the last token block may run past T; rows past S are dropped). int4 loads
+the two halves of head_dim (the two nibbles of a byte) chunk by chunk, one statistics
+group per chunk, so nothing is reshaped or sliced in registers.
 
 Dimensions: B batch, T new tokens, S cache slots, K KV heads, D head_dim, H = D / 2 (int4
 byte j holds channels j and j + H), N = D / group int4 groups per token and head,
-C = min(group, H) channels per statistics chunk, G = H / C chunks per half, R = block_t.
+C = min(group, H) channels per statistics chunk, G = H / C chunks per half, R = block_t,
+KH = heads per program.
 """
 
 from __future__ import annotations
@@ -42,118 +50,112 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from ollm_jax.kv_cache import SCALE_DTYPE, Dense, Int4, Int8, LayerCache, write
+from ollm_jax.kv_cache import (INV15, INV127, SCALE_DTYPE, Dense, Int4, Int8, LayerCache, fp16_to_f32,
+                               reciprocal_fp16, write)
 
-# XLA rewrites a division by a constant into a multiplication by its f32 reciprocal.
-_INV127 = np.float32(1.0) / np.float32(127.0)
-_INV15 = np.float32(1.0) / np.float32(15.0)
 _RINT_MAGIC = np.float32(1.5 * 2**23)
 _RINT_MAGIC_BITS = int(_RINT_MAGIC.view(np.int32))
 
-DEFAULT_BLOCK_ELEMS = 8192  # block_t * D of new values per program, by default
+# Defaults (tunable per call): a program moves a [block_t, heads, D] tile of about
+# DEFAULT_TILE_ELEMS values; heads is the largest power of 2 dividing K with
+# heads * D <= DEFAULT_ROW_ELEMS (all 8 heads of Llama-3.1-8B, D = 128).
+DEFAULT_TILE_ELEMS = 8192
+DEFAULT_ROW_ELEMS = 2048
+DEFAULT_NUM_WARPS = 4
 
 
-def _rint(y: jax.Array, gpu: bool) -> jax.Array:
-    """Round half to even (= jnp.round), to int32; |y| < 2^22 (quantized values are).
+def _rint(y: jax.Array) -> jax.Array:
+    """Round half to even (= jnp.round) to int32, for |y| < 2^22.
 
-    The Triton lowering has no `round`: on the GPU, y + 1.5 * 2^23 lands where the f32
-    spacing is 1, so the add itself rounds y half-even and the low mantissa bits hold the
-    result (read through a bitcast; y comes from the opaque inline division, so nothing
-    fuses it into an FMA). In interpret mode XLA's CPU backend would fold (y + M) - M and
-    contract a preceding multiply into the add, so there it is `jnp.round`.
+    Triton lowers no `round`: y + 1.5 * 2^23 lands where the f32 spacing is 1, so the
+    add itself rounds y half-even and the low mantissa bits hold the result (read
+    through a bitcast; the constant's low 22 bits are 0, so narrowing to int8 or a
+    nibble needs no subtraction and the compiler drops it). y must not come straight
+    from a multiply, which a compiler may fuse with the add into an FMA (one rounding
+    instead of two): the callers clip y first.
     """
-    if not gpu:
-        return jnp.round(y).astype(jnp.int32)
     return lax.bitcast_convert_type(y + _RINT_MAGIC, jnp.int32) - _RINT_MAGIC_BITS
 
 
-def _div(a: jax.Array, b: jax.Array, gpu: bool) -> jax.Array:
-    """a / b (f32, same shape): `div.rn.f32` inline on the GPU, plain `/` in interpret."""
-    if not gpu:
-        return a / b
-    [q] = plt.elementwise_inline_asm(
-        "div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=f,f,f", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-    )
-    return q
-
-
-def _int4_half(h: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
-    """Min and max of each C-channel chunk: h [R, H] -> ([R, G], [R, G])."""
-    r, w = h.shape
-    g = h.reshape(r, w // c, c)  # [R, G, C]
-    return jnp.min(g, axis=2), jnp.max(g, axis=2)
-
-
-def _int4_nibbles(h, zero, scale, c: int, gpu: bool) -> jax.Array:
-    """h [R, H] f32, zero/scale [R, G] fp16 -> nibbles [R, H] int32 in [0, 15]."""
-    r, w = h.shape
-    g = h.reshape(r, w // c, c)  # [R, G, C]
-    s32 = scale.astype(jnp.float32)
-    den = jnp.where(s32 == 0, 1.0, s32)  # [R, G]
-    y = _div(g - zero.astype(jnp.float32)[:, :, None], jnp.broadcast_to(den[:, :, None], g.shape), gpu)
-    n = jnp.clip(_rint(y, gpu), 0, 15)  # [R, G, C] int32
-    return n.reshape(r, w)
-
-
-def _kernel(start_ref, count_ref, x_ref, *refs, fmt: str, block_t: int, group: int, gpu: bool):
-    # start_ref, count_ref: [B] int32 (whole arrays)
-    # x_ref: [B, T, K, D] new values (whole array)
-    # refs: the store's input buffers (aliased, unused) then the same buffers as outputs:
-    #   dense: x [B, S, K, D];  int8: q [B, S, K, D] int8, scale [B, S, K] fp16;
-    #   int4: q [B, S, K, H] uint8, scale [B, S, K, N] fp16, zero [B, S, K, N] fp16
-    outs = refs[len(refs) // 2:]
-    k, i, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t: int, heads: int):
+    """One store's part of a program: tokens [t0, t0 + R) of sequence b, heads
+    [k0, k0 + KH), written at cache rows [p0, p0 + R)."""
+    r, kh = block_t, heads
     s_len, d = outs[0].shape[1], x_ref.shape[3]
-    start, count = start_ref[b], count_ref[b]
-    t0 = i * block_t
-    p0 = start + t0
-    rows = jnp.arange(block_t, dtype=jnp.int32)  # [R]
+    rows = jnp.arange(r, dtype=jnp.int32)  # [R]
     valid = (t0 + rows < count) & (p0 + rows < s_len)  # [R] written rows
+    hs = pl.ds(k0, kh)
 
-    def mask(width):  # [R, width]
-        return jnp.broadcast_to(valid[:, None], (block_t, width))
+    def mask(*shape):  # [R, *shape]
+        return lax.broadcast_in_dim(valid, (r, *shape), (0,))
 
-    def load(c0, width):  # new values, channels [c0, c0 + width): [R, width] f32
-        ref = x_ref.at[b, pl.ds(t0, block_t), k, pl.ds(c0, width)]
-        return plt.load(ref, mask=mask(width), other=0.0).astype(jnp.float32)
+    def load(c0, width):  # new values, channels [c0, c0 + width): [R, KH, width] f32
+        ref = x_ref.at[b, pl.ds(t0, r), hs, pl.ds(c0, width)]
+        return plt.load(ref, mask=mask(kh, width), other=0).astype(jnp.float32)
 
     def put(ref, c0, width, val):  # cache rows [p0, p0 + R), channels [c0, c0 + width)
-        plt.store(ref.at[b, pl.ds(p0, block_t), k, pl.ds(c0, width)], val.astype(ref.dtype), mask=mask(width))
+        plt.store(ref.at[b, pl.ds(p0, r), hs, pl.ds(c0, width)], val.astype(ref.dtype), mask=mask(kh, width))
 
-    @pl.when(t0 < count)
-    def _():
-        if fmt == "dense":
-            [x_out] = outs
-            put(x_out, 0, d, load(0, d))
-        elif fmt == "int8":
-            q_out, scale_out = outs
-            x = load(0, d)  # [R, D]
-            scale = (jnp.max(jnp.abs(x), axis=1) * _INV127).astype(SCALE_DTYPE)  # [R]
-            s32 = scale.astype(jnp.float32)
-            den = jnp.where(s32 == 0, 1.0, s32)  # [R]
-            q = jnp.clip(_rint(_div(x, jnp.broadcast_to(den[:, None], x.shape), gpu), gpu), -127, 127)
-            put(q_out, 0, d, q)  # [R, D] int32 -> int8
-            plt.store(scale_out.at[b, pl.ds(p0, block_t), k], scale, mask=valid)  # [R]
+    def put_stat(ref, val, n=None):  # [R, KH] scales or zeros (of int4 group n)
+        if n is None:
+            plt.store(ref.at[b, pl.ds(p0, r), hs], val.astype(ref.dtype), mask=mask(kh))
         else:
-            q_out, scale_out, zero_out = outs
-            h = d // 2
-            c = min(group, h)
-            lo, hi = load(0, h), load(h, h)  # [R, H]: channels j and j + H
-            stats = [_int4_half(lo, c), _int4_half(hi, c)]  # (min, max) [R, G] per half
-            if group > h:  # one group spans both halves (group == D): [R, 1]
+            put(ref, n, 1, val[:, :, None])
+
+    if fmt == "dense":
+        [x_out] = outs
+        src = x_ref.at[b, pl.ds(t0, r), hs, pl.ds(0, d)]
+        put(x_out, 0, d, plt.load(src, mask=mask(kh, d), other=0))
+    elif fmt == "int8":
+        q_out, scale_out = outs
+        x = load(0, d)  # [R, KH, D]
+        scale = (jnp.max(jnp.abs(x), axis=2) * INV127).astype(SCALE_DTYPE)  # [R, KH]
+        y = x * reciprocal_fp16(scale)[:, :, None]
+        put(q_out, 0, d, _rint(jnp.clip(y, -127.0, 127.0)))  # int32 -> int8
+        put_stat(scale_out, scale)
+    else:
+        q_out, scale_out, zero_out = outs
+        h = d // 2
+        c = min(group, h)
+        n_chunks = h // c
+        for g in range(n_chunks):
+            halves = load(g * c, c), load(h + g * c, c)  # [R, KH, C]: channels j and j + H
+            stats = [(jnp.min(v, axis=2), jnp.max(v, axis=2)) for v in halves]  # [R, KH] each
+            if group > h:  # one group spans both halves (group == D)
                 both = (jnp.minimum(stats[0][0], stats[1][0]), jnp.maximum(stats[0][1], stats[1][1]))
                 stats = [both, both]
             nibbles = []
-            for j, (half, (mn, mx)) in enumerate(zip((lo, hi), stats)):
-                zero = mn.astype(SCALE_DTYPE)  # [R, G]
-                scale = ((mx - mn) * _INV15).astype(SCALE_DTYPE)
-                n_groups = zero.shape[1]
+            for j, (v, (mn, mx)) in enumerate(zip(halves, stats)):
+                zero = mn.astype(SCALE_DTYPE)  # [R, KH]
+                scale = ((mx - mn) * INV15).astype(SCALE_DTYPE)
                 if j == 0 or group <= h:  # a group shared by both halves is stored once
-                    put(zero_out, j * n_groups, n_groups, zero)
-                    put(scale_out, j * n_groups, n_groups, scale)
-                nibbles.append(_int4_nibbles(half, zero, scale, c, gpu))  # [R, H] int32
-            put(q_out, 0, h, nibbles[0] | (nibbles[1] << 4))  # [R, H] -> uint8
+                    put_stat(zero_out, zero, j * n_chunks + g)
+                    put_stat(scale_out, scale, j * n_chunks + g)
+                y = (v - fp16_to_f32(zero)[:, :, None]) * reciprocal_fp16(scale)[:, :, None]
+                nibbles.append(_rint(jnp.clip(y, 0.0, 15.0)))  # [R, KH, C] int32 in [0, 15]
+            put(q_out, g * c, c, nibbles[0] | (nibbles[1] << 4))  # -> uint8
+
+
+def _kernel(start_ref, count_ref, *refs, parts, block_t: int, heads: int):
+    # start_ref, count_ref: [B] int32 (whole arrays)
+    # refs: x of each part [B, T, K, D] (whole arrays), every part's store buffers as
+    #   inputs (aliased, unused), then the same buffers as outputs:
+    #   dense: x [B, S, K, D];  int8: q [B, S, K, D] int8, scale [B, S, K] fp16;
+    #   int4: q [B, S, K, H] uint8, scale [B, S, K, N] fp16, zero [B, S, K, N] fp16
+    # parts: ((fmt, group, number of buffers), ...), one per store (K, or K and V)
+    xs = refs[:len(parts)]
+    outs = refs[len(parts) + sum(p[2] for p in parts):]
+    k, i, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start, count = start_ref[b], count_ref[b]
+    t0 = i * block_t
+    where = dict(b=b, t0=t0, p0=start + t0, k0=k * heads, count=count, block_t=block_t, heads=heads)
+
+    @pl.when(t0 < count)
+    def _():
+        j = 0
+        for (fmt, group, n), x_ref in zip(parts, xs):
+            _append(fmt, group, x_ref, outs[j:j + n], **where)
+            j += n
 
 
 def _leaves(store) -> tuple[str, tuple[jax.Array, ...]]:
@@ -174,7 +176,7 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _check(store, x, start, count, block_t):
+def _check(store, x, start, count):
     fmt, leaves = _leaves(store)
     if x.ndim != 4:
         raise ValueError(f"x must be [B, T, K, D], got {x.shape=}")
@@ -189,14 +191,58 @@ def _check(store, x, start, count, block_t):
         raise ValueError(f"head_dim {d=} must be a power of 2 for the Triton lowering")
     if fmt == "int4" and not _pow2(store.group):
         raise ValueError(f"int4 group {store.group=} must be a power of 2")
+    return fmt, leaves
+
+
+def default_config(t: int, k: int, d: int) -> dict[str, int]:
+    """The default knobs for x [B, T, K, D]: {"block_t", "heads", "num_warps"}."""
+    heads = k & -k  # the largest power of 2 dividing K
+    while heads > 1 and heads * d > DEFAULT_ROW_ELEMS:
+        heads //= 2
+    block_t = min(max(1, DEFAULT_TILE_ELEMS // (heads * d)), pl.next_power_of_2(t))
+    return {"block_t": block_t, "heads": heads, "num_warps": DEFAULT_NUM_WARPS}
+
+
+def _append_call(stores, xs, start, count, *, block_t, heads, num_warps, num_stages, interpret):
+    parts, leaves = [], []
+    for store, x in zip(stores, xs):
+        fmt, lv = _check(store, x, start, count)
+        parts.append((fmt, store.group if fmt == "int4" else 0, len(lv)))
+        leaves.append(lv)
+    b, t, k, d = xs[0].shape
+    if any(x.shape != xs[0].shape for x in xs):
+        raise ValueError(f"k and v must have one shape, got {[x.shape for x in xs]}")
     if block_t is not None and not _pow2(block_t):
         raise ValueError(f"{block_t=} must be a power of 2")
-    return fmt, leaves, (b, t, k, d)
+    if heads is not None and not (_pow2(heads) and k % heads == 0):
+        raise ValueError(f"{heads=} must be a power of 2 dividing the {k} KV heads")
+    cfg = default_config(t, k, d)
+    heads = heads or cfg["heads"]
+    block_t = min(block_t or max(1, DEFAULT_TILE_ELEMS // (heads * d)), pl.next_power_of_2(t))
+    num_warps = num_warps or cfg["num_warps"]
+    flat = [a for lv in leaves for a in lv]
+    n_in = 2 + len(xs)  # start, count, xs
+    kernel = functools.partial(_kernel, parts=tuple(parts), block_t=block_t, heads=heads)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in flat],
+        grid=(k // heads, pl.cdiv(t, block_t), b),  # heads fastest: neighbours read neighbouring bytes
+        input_output_aliases={n_in + j: j for j in range(len(flat))},
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="quantize_append_" + "_".join(p[0] for p in parts),
+    )(start.astype(jnp.int32), jnp.clip(count.astype(jnp.int32), 0, t), *xs, *flat)
+    result, j = [], 0
+    for (fmt, _, n) in parts:
+        result.append(_rebuild(fmt, out[j:j + n]))
+        j += n
+    return result
 
 
-@functools.partial(
-    jax.jit, static_argnames=("block_t", "num_warps", "num_stages", "interpret"), donate_argnames=("store",)
-)
+_KNOBS = ("block_t", "heads", "num_warps", "num_stages", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_KNOBS, donate_argnames=("store",))
 def quantize_append(
     store: Dense | Int8 | Int4,
     x: jax.Array,
@@ -204,7 +250,8 @@ def quantize_append(
     count: jax.Array,
     *,
     block_t: int | None = None,
-    num_warps: int = 4,
+    heads: int | None = None,
+    num_warps: int | None = None,
     num_stages: int = 1,
     interpret: bool = False,
 ) -> Dense | Int8 | Int4:
@@ -217,115 +264,209 @@ def quantize_append(
       x: [B, T, K, D] new values (bf16/fp16/fp32, finite).
       start: [B] int32 >= 0, the position of x[b, 0].
       count: [B] int32 in [0, T], valid tokens of each row (the rest is padding).
-      block_t: new tokens per program (power of 2; default 8192 // D, at most T rounded
-        up to a power of 2).
-      num_warps, num_stages: Triton launch parameters.
+      block_t: new tokens per program (power of 2; default DEFAULT_TILE_ELEMS //
+        (heads * D), at most T rounded up to a power of 2).
+      heads: KV heads per program (a power of 2 dividing K; default `default_config`).
+      num_warps, num_stages: Triton launch parameters (default num_warps:
+        DEFAULT_NUM_WARPS; the kernel has no loop, so num_stages changes nothing).
       interpret: run the kernel in Pallas interpret mode (CPU).
     Returns:
       The store with the new rows written; every other slot unchanged.
     """
-    fmt, leaves, (b, t, k, d) = _check(store, x, start, count, block_t)
-    if block_t is None:
-        block_t = max(1, DEFAULT_BLOCK_ELEMS // d)
-    block_t = min(block_t, pl.next_power_of_2(t))
-    group = store.group if fmt == "int4" else 0
-    count = jnp.clip(count.astype(jnp.int32), 0, t)
-    kernel = functools.partial(_kernel, fmt=fmt, block_t=block_t, group=group, gpu=not interpret)
-    n_in = 3  # start, count, x
-    out = pl.pallas_call(
-        kernel,
-        out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves],
-        grid=(k, pl.cdiv(t, block_t), b),  # head fastest: neighbouring programs read neighbouring rows
-        input_output_aliases={n_in + j: j for j in range(len(leaves))},
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name=f"quantize_append_{fmt}",
-    )(start.astype(jnp.int32), count, x, *leaves)
-    return _rebuild(fmt, out)
+    [out] = _append_call([store], [x], start, count, block_t=block_t, heads=heads, num_warps=num_warps,
+                         num_stages=num_stages, interpret=interpret)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=_KNOBS, donate_argnames=("k_store", "v_store"))
+def quantize_append_kv(
+    k_store: Dense | Int8 | Int4,
+    v_store: Dense | Int8 | Int4,
+    k: jax.Array,
+    v: jax.Array,
+    start: jax.Array,
+    count: jax.Array,
+    *,
+    block_t: int | None = None,
+    heads: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 1,
+    interpret: bool = False,
+) -> tuple[Dense | Int8 | Int4, Dense | Int8 | Int4]:
+    """`quantize_append` of k into k_store and v into v_store, in one kernel launch.
+
+    The stores may have different formats (e.g. int8 keys, int4 values); k and v are
+    both [B, T, K, D]. Both stores are donated. Returns (k_store, v_store).
+    """
+    k_out, v_out = _append_call([k_store, v_store], [k, v], start, count, block_t=block_t, heads=heads,
+                                num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    return k_out, v_out
+
+
+def _positions(t: int, start, count):
+    t = jnp.arange(t, dtype=jnp.int32)[None, :]  # [1, T]
+    return jnp.where(t < count[:, None], start[:, None] + t, -1)  # [B, T]
 
 
 @jax.jit
 def quantize_append_reference(store: Dense | Int8 | Int4, x, start, count) -> Dense | Int8 | Int4:
-    """The exact semantics in plain JAX: `kv_cache.write` at positions start + t, t < count.
-
-    Jitted (the bit-exact comparison holds between compiled programs: XLA's rewrites of
-    divisions are part of what `write` produces). Not donated.
-    """
-    t = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]  # [1, T]
-    positions = jnp.where(t < count[:, None], start[:, None] + t, -1)  # [B, T]
+    """The exact semantics in plain JAX: `kv_cache.write(impl="xla")` at positions
+    start + t, t < count. Jitted, not donated."""
     # write() fills K and V; the V half is dead code under jit.
-    return write(LayerCache(k=store, v=store), x, x, positions).k
+    return write(LayerCache(k=store, v=store), x, x, _positions(x.shape[1], start, count), impl="xla").k
+
+
+@jax.jit
+def quantize_append_kv_reference(k_store, v_store, k, v, start, count):
+    """`quantize_append_kv` in plain JAX (`kv_cache.write(impl="xla")`); (k_store, v_store)."""
+    out = write(LayerCache(k=k_store, v=v_store), k, v, _positions(k.shape[1], start, count), impl="xla")
+    return out.k, out.v
 
 
 # --------------------------------------------------------------------------- benchmark
 
 
 def _bench(args):  # pragma: no cover - GPU only
+    import itertools
     import time
 
     from bench import common
     from ollm_jax import kv_cache
 
-    def empty(fmt, shape):
-        kind, group = (fmt.split("-g") + ["64"])[:2]
-        return kv_cache.empty_store(kind, shape, min(int(group), shape[-1]))
+    t_begin = time.perf_counter()
+    it = {"interpret": True} if args.interpret else {}  # a CPU smoke test of this script
+    torch_bw = None if args.no_torch else common.torch_copy_bandwidth_in_child(1 << 30)  # before jax takes the GPU
+    env = common.environment()
+    common.print_environment(env)
+    jax_bw = common.jax_copy_bandwidth(1 << 30)
+    print(f"copy bandwidth, 1 GiB read + written: jax x+1 {jax_bw / 1e9:,.0f} GB/s, torch copy_ "
+          + (f"{torch_bw / 1e9:,.0f} GB/s" if torch_bw else "-") + " (%jax, %torch below)\n")
 
     def loop_of(fn, inner):
-        def body(_, carry):  # the barrier keeps XLA from hoisting the loop-invariant encode(x)
-            st, xx = jax.lax.optimization_barrier(carry)
-            return fn(st, xx), xx
-        return jax.jit(lambda st, xx: jax.lax.fori_loop(0, inner, body, (st, xx))[0], donate_argnums=0)
+        def body(_, carry):  # the barrier keeps XLA from hoisting the loop-invariant work on x
+            stores, xs = jax.lax.optimization_barrier(carry)
+            return tuple(fn(*stores, *xs)), xs
+        return jax.jit(lambda stores, xs: jax.lax.fori_loop(0, inner, body, (stores, xs))[0], donate_argnums=0)
 
-    def seconds(fn, store, x):
+    def run(fn, stores, xs):
+        """(seconds per call, final stores). fn(*stores, *xs) -> stores (donated, updated in
+        place); every call writes the same rows, so the final stores are one call's result."""
         loop = loop_of(fn, args.inner)
-        store = jax.block_until_ready(loop(store, x))
+        stores = jax.block_until_ready(loop(stores, xs))
         times = []
         for _ in range(args.reps):
             t0 = time.perf_counter()
-            store = jax.block_until_ready(loop(store, x))
+            stores = jax.block_until_ready(loop(stores, xs))
             times.append(time.perf_counter() - t0)
-        return float(np.median(times)) / args.inner
+        return float(np.median(times)) / args.inner, stores
 
-    env = common.environment()
-    common.print_environment(env)
-    copy = common.jax_copy_bandwidth(1 << 30)
-    print(f"device copy bandwidth (jax x+1 over 1 GiB, read+write): {copy / 1e9:,.0f} GB/s\n")
-    knobs = dict(num_warps=args.num_warps, num_stages=args.num_stages)
-    cases = [((1, 16384, 8, 128), 32768, f) for f in args.formats]
-    cases += [((2, 2048, 32, 64), 4096, f) for f in args.formats]
-    print(f"{'B,T,K,D':>16} {'S':>6} {'format':>10} {'impl':>18} {'us':>9} {'GB/s':>8} {'%copy':>6}  exact")
-    for (b, t, k, d), s, fmt in cases:
-        x = jax.random.normal(jax.random.key(0), (b, t, k, d), jnp.bfloat16)
+    def differing(got, want):  # bytes; want: host arrays
+        return sum(int(np.sum(np.asarray(g).view(np.uint8) != w.view(np.uint8)))
+                   for g, w in zip(jax.tree.leaves(got), want))
+
+    print(f"{'B,T,K,D,S':>19} {'format':>12} {'impl':>7} {'R':>3} {'KH':>2} {'w':>2} {'st':>2} "
+          f"{'us':>7} {'GB/s':>6} {'%jax':>5} {'%torch':>6} exact")
+    best = []
+    stop = False
+    kv_shapes = args.shapes if args.kv_shapes is None else args.kv_shapes
+    cases = [(sh, f, kv) for sh in dict.fromkeys(args.shapes + kv_shapes)
+             for kv, formats in ((False, args.formats if sh in args.shapes else []),
+                                 (True, args.kv_formats if sh in kv_shapes else []))
+             for f in formats]
+    for shape_s, name, kv in cases:
+        if stop:
+            break
+        b, t, k, d, s = map(int, shape_s.split(","))
+        fmt = kv_cache.parse_format(name)
+        kinds = (fmt.k, fmt.v) if kv else (fmt.k,)
+        label = ("kv:" if kv else "") + name
+        xs = [jax.random.normal(jax.random.key(j), (b, t, k, d), jnp.bfloat16) for j in range(len(kinds))]
         start = jnp.arange(b, dtype=jnp.int32) * 7  # unaligned starts
         count = jnp.full((b,), t, jnp.int32)
-        store = empty(fmt, (b, s, k, d))
-        written = jax.eval_shape(lambda: kv_cache.encode(store, x))
-        moved = x.size * x.dtype.itemsize + sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(written))
-        want = quantize_append_reference(store, x, start, count)
-        block_ts = args.block_t or [None]
-        impls = [(f"pallas R={bt or 'auto'} w={args.num_warps}", bt) for bt in block_ts] + [("xla write", "xla")]
-        for name, bt in impls:
-            if bt == "xla":
-                fn = lambda st, xx: quantize_append_reference(st, xx, start, count)  # noqa: E731
-                exact = ""
+
+        def empty():
+            return [kv_cache.empty_store(kind, (b, s, k, d), fmt.group) for kind in kinds]
+
+        moved = sum(x.size * x.dtype.itemsize for x in xs) + sum(
+            a.size * a.dtype.itemsize for st, x in zip(empty(), xs)
+            for a in jax.tree.leaves(jax.eval_shape(kv_cache.encode, st, x)))
+        ref = quantize_append_kv_reference if kv else lambda *a: (quantize_append_reference(*a),)
+        want = [np.asarray(a) for a in jax.tree.leaves(ref(*empty(), *xs, start, count))]
+
+        def row(impl, knobs, fn):
+            nonlocal stop
+            if time.perf_counter() - t_begin > args.budget_s:
+                stop = True
+                return
+            cfg = {**default_config(t, k, d), "num_stages": 1, **knobs}
+            tag = (f"{shape_s:>19} {label:>12} {impl:>7} "
+                   + (" ".join(f"{cfg[key]:>{w}}" for key, w in
+                               (("block_t", 3), ("heads", 2), ("num_warps", 2), ("num_stages", 2)))
+                      if impl in ("pallas", "default") else f"{'':>12}"))
+            try:
+                sec, got = run(fn, tuple(empty()), tuple(xs))
+                bad = differing(got, want)
+            except Exception as e:  # a config the Triton compiler rejects: report, go on
+                print(f"{tag} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+                return
+            speed = f"{sec * 1e6:7.1f} {moved / sec / 1e9:6.0f} {100 * moved / sec / jax_bw:4.0f}% " + (
+                f"{100 * moved / sec / torch_bw:5.0f}%" if torch_bw else f"{'-':>6}")
+            print(f"{tag} {speed} " + ("yes" if bad == 0 else f"NO: {bad} bytes differ"), flush=True)
+            if impl in ("pallas", "default") and bad == 0:
+                best.append(((shape_s, label), sec, tag, speed))
+
+        if not args.no_xla:
+            row("xla", {}, lambda *a: ref(*a, start, count))
+        configs = [dict(block_t=r, heads=kh, num_warps=w, num_stages=st) for r, kh, w, st in itertools.product(
+            args.block_t or [None], args.heads or [None], args.num_warps or [None], args.num_stages)]
+        seen = set()
+        for knobs in [{}] + configs:  # {}: the defaults
+            cfg = {**default_config(t, k, d), "num_stages": 1}
+            cfg.update({key: val for key, val in knobs.items() if val is not None})
+            if knobs.get("heads") and knobs.get("block_t") is None:  # default tile size
+                cfg["block_t"] = max(1, DEFAULT_TILE_ELEMS // (cfg["heads"] * d))
+            cfg["block_t"] = min(cfg["block_t"], pl.next_power_of_2(t))
+            key = tuple(sorted(cfg.items()))
+            tile = cfg["block_t"] * cfg["heads"] * d
+            if key in seen or k % cfg["heads"] or (knobs and not args.min_tile <= tile <= args.max_tile):
+                continue
+            seen.add(key)
+            if kv:
+                fn = lambda ks, vs, kx, vx, c=cfg: quantize_append_kv(ks, vs, kx, vx, start, count, **c, **it)  # noqa: E731
             else:
-                fn = lambda st, xx, bt=bt: quantize_append(st, xx, start, count, block_t=bt, **knobs)  # noqa: E731
-                got = quantize_append(empty(fmt, (b, s, k, d)), x, start, count, block_t=bt, **knobs)
-                bad = sum(int(jnp.sum(g != w)) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
-                exact = "yes" if bad == 0 else f"NO: {bad} elements differ"
-            sec = seconds(fn, empty(fmt, (b, s, k, d)), x)
-            print(f"{str((b, t, k, d)):>16} {s:>6} {fmt:>10} {name:>18} {sec * 1e6:9.1f} "
-                  f"{moved / sec / 1e9:8,.0f} {100 * moved / sec / copy:5.1f}%  {exact}")
+                fn = lambda st, x, c=cfg: (quantize_append(st, x, start, count, **c, **it),)  # noqa: E731
+            row("pallas" if knobs else "default", cfg, fn)
+        if kv:  # the same work as two single-store launches (default knobs)
+            row("2calls", {}, lambda ks, vs, kx, vx: (quantize_append(ks, kx, start, count, **it),
+                                                       quantize_append(vs, vx, start, count, **it)))
+    print("\nfastest exact config per case:")
+    for case in dict.fromkeys(c for c, *_ in best):
+        print(" ".join(min((sec, tag, speed) for c, sec, tag, speed in best if c == case)[1:]))
+    print(f"\ntotal {time.perf_counter() - t_begin:.0f} s" + (" (budget reached: stopped early)" if stop else ""))
 
 
 if __name__ == "__main__":  # pragma: no cover
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--formats", nargs="+", default=["int8", "int4-g64", "int4-g128", "bf16"])
-    p.add_argument("--block-t", type=int, nargs="+", help="block_t values to sweep (default: the kernel's)")
-    p.add_argument("--num-warps", type=int, default=4)
-    p.add_argument("--num-stages", type=int, default=1)
+    p.add_argument("--formats", nargs="+", default=["int8", "int4-g64", "int4-g128", "bf16"],
+                   help="kv_cache format names timed with quantize_append (their K side)")
+    p.add_argument("--kv-formats", nargs="*", default=["int8", "k8v4-g64"],
+                   help="kv_cache format names timed with quantize_append_kv (K and V in one launch), "
+                        "beside two quantize_append calls ('2calls')")
+    p.add_argument("--shapes", nargs="+", default=["1,16384,8,128,32768", "2,2048,32,64,4096"], help="B,T,K,D,S")
+    p.add_argument("--kv-shapes", nargs="*", help="shapes for --kv-formats (default: --shapes); each shape's "
+                   "cases run together, in order, so put the important shape first (see --budget-s)")
+    p.add_argument("--block-t", type=int, nargs="+", help="block_t values to sweep (default: per heads)")
+    p.add_argument("--heads", type=int, nargs="+", help="heads per program to sweep (default: the kernel's)")
+    p.add_argument("--num-warps", type=int, nargs="+", help="num_warps values to sweep")
+    p.add_argument("--num-stages", type=int, nargs="+", default=[1])
+    p.add_argument("--min-tile", type=int, default=1, help="skip swept configs of fewer block_t*heads*D values")
+    p.add_argument("--max-tile", type=int, default=1 << 15, help="... or more")
+    p.add_argument("--no-xla", action="store_true", help="skip timing XLA's write (exactness is still checked)")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch copy_ bandwidth (a child process)")
+    p.add_argument("--budget-s", type=float, default=220, help="start no new measurement after this many seconds")
     p.add_argument("--inner", type=int, default=20, help="calls per timed jitted loop")
-    p.add_argument("--reps", type=int, default=30, help="timed loops; the median is reported")
+    p.add_argument("--reps", type=int, default=20, help="timed loops; the median is reported")
+    p.add_argument("--interpret", action="store_true", help=argparse.SUPPRESS)
     _bench(p.parse_args())

@@ -4,6 +4,7 @@ every shipped configuration to Triton."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 
@@ -104,29 +105,96 @@ def test_bad_inputs_name_the_values():
         fp.flash_prefill(q, k, v, P.BigBird(8).block_tables(32, 16, 16, 16), interpret=INTERPRET)
 
 
+def test_formula_masks_equal_tile_masks():
+    """Table patterns with formula terms: the in-register masks give what the tiles give."""
+    q, k, v = _qkv(1, 40, 100, 2, 1, 64, seed=11)
+    lengths = jnp.asarray([93], jnp.int32)
+    for pat in (P.Strided(window=20, period=24, width=8), P.Dilated(window=12, dilation=4)):
+        tables = pat.block_tables(40, 100, 16, 16, 60)
+        assert tables.formula == pat
+        by_formula = fp.flash_prefill(q, k, v, tables, lengths=lengths, interpret=INTERPRET)
+        by_tiles = fp.flash_prefill(q, k, v, dataclasses.replace(tables, formula=None), lengths=lengths,
+                                    interpret=INTERPRET)
+        np.testing.assert_allclose(np.asarray(by_formula, np.float32), np.asarray(by_tiles, np.float32), atol=1e-6)
+
+
+def test_lazy_rescale_matches_reference():
+    """Lazy rescaling (the max kept until it grows by 2**8) on large logits, where the
+    running max moves often: contiguous window and formula-table kernels."""
+    q, k, v = _qkv(1, 64, 160, 2, 1, 64, seed=13)
+    q = q * 3  # logits of tens: many rescales, some skipped
+    lengths = jnp.asarray([131], jnp.int32)
+    kw = dict(lengths=lengths, lazy_rescale=True, interpret=INTERPRET)
+    out = fp.flash_prefill(q, k, v, q_offset=96, window=40, block_q=32, block_k=16, **kw)
+    ref, vis = dense_softmax(q, k, v, P.SlidingWindow(40).token_mask(64, 160, 96), lengths)
+    _assert_close(out, ref, vis)
+    pat = P.Strided(24, 32, 8)
+    out = fp.flash_prefill(q, k, v, pat.block_tables(64, 160, 32, 16, 96), **kw)
+    ref, vis = dense_softmax(q, k, v, pat.token_mask(64, 160, 96), lengths)
+    _assert_close(out, ref, vis)
+
+
+def test_host_counts_match_device_counts():
+    """Without lengths the block counts are numpy constants; they equal the traced ones."""
+    for pat, s in ((P.anchors_strided(), 1536), (P.BigBird(64, 16, 2, 64), 700)):
+        tables = pat.block_tables(s, s, 128, 64)
+        host = fp._table_counts(tables, None)
+        device = np.asarray(fp._table_counts(tables, jnp.asarray([s], jnp.int32)))
+        assert isinstance(host, np.ndarray) and host.shape == device.shape
+        np.testing.assert_array_equal(host, device)
+
+
+def test_default_configs_per_variant():
+    for d in fp.HEAD_DIMS:
+        configs = {v: fp.default_config(d, v) for v in fp.VARIANTS}
+        assert fp.default_config(d) == configs["table"]  # what the router builds tables with
+        for variant, (bq, bk, w, st) in configs.items():
+            assert fp._warps_stages(d, variant, bq, bk) == (w, st)
+            assert configs[variant] in [configs[variant]] + fp.TUNE_CONFIGS[d][variant]
+    assert fp.default_config(128, "causal") == (128, 64, 4, 2)  # H200: 4.96 ms vs 5.18 for (128, 64, 8, 3)
+    with pytest.raises(ValueError, match="variant"):
+        fp.default_config(128, "dense")
+
+
 # ----------------------------------------------------------------------------- deviceless lowering
 
-SHIPPED = ["causal", "window", "table", "table-per-head", "multiscale"]
+SHIPPED = ["causal", "window", "table", "table-tiles", "table-per-head", "multiscale"]
+
+
+def _lower(fn, head_dim, t=1000, s=1100, h=8, kh=2):
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+    assert_lowers_to_triton(lambda q, k, v, n: fn(q, k, v, lengths=n), spec(1, t, h, head_dim),
+                            spec(1, s, kh, head_dim), spec(1, s, kh, head_dim), lengths)
 
 
 @pytest.mark.parametrize("head_dim", fp.HEAD_DIMS)
 @pytest.mark.parametrize("variant", SHIPPED)
 def test_lowers_to_triton(variant, head_dim):
-    """Every shipped configuration (default tiles per head_dim) lowers for CUDA on the CPU."""
-    bq, bk, _, _ = fp.default_config(head_dim)
-    t, s, h, kh = 1000, 1100, 8, 2
-    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    """Every shipped configuration (default tiles per head_dim and variant, fast exp2)
+    lowers for CUDA on the CPU."""
+    t, s, h = 1000, 1100, 8
+    bq, bk, _, _ = fp.default_config(head_dim, "table")
     if variant == "causal":
         fn = functools.partial(fp.flash_prefill, q_offset=100)
     elif variant == "window":
         fn = functools.partial(fp.flash_prefill, window=4096, q_offset=100)
-    elif variant == "table":
+    elif variant == "table":  # formula masks
         fn = functools.partial(fp.flash_prefill, tables=P.anchors_strided().block_tables(t, s, bq, bk, 100))
+    elif variant == "table-tiles":  # mask tiles
+        fn = functools.partial(fp.flash_prefill, tables=P.BigBird(128, 64, 2, 64).block_tables(t, s, bq, bk, 100))
     elif variant == "table-per-head":
         pat = P.PerHead(tuple(P.BigBird(128, 64, 2, 64, seed=i) for i in range(h)))
         fn = functools.partial(fp.flash_prefill, tables=pat.block_tables(t, s, bq, bk, 100))
     else:
         fn = functools.partial(multiscale.multiscale_attention, pattern=P.MultiScale(256), q_offset=100)
-    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
-    assert_lowers_to_triton(lambda q, k, v, n: fn(q, k, v, lengths=n), spec(1, t, h, head_dim),
-                            spec(1, s, kh, head_dim), spec(1, s, kh, head_dim), lengths)
+    _lower(fn, head_dim, t, s, h)
+
+
+@pytest.mark.parametrize("config", sorted({c for lst in fp.TUNE_CONFIGS[128].values() for c in lst}))
+def test_tune_configs_lower(config):
+    """The D=128 tune list (what the GPU sweep compiles) lowers, causal and windowed."""
+    bq, bk, w, st = config
+    knobs = dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+    _lower(functools.partial(fp.flash_prefill, window=1024, **knobs), 128)
+    _lower(functools.partial(fp.flash_prefill, fast_exp=False, lazy_rescale=True, **knobs), 128)

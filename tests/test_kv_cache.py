@@ -55,6 +55,10 @@ def test_int4_round_trip_and_packing(group):
         (LLAMA_8B_HEADS, "int4", 2 * 8 * (64 + 2 * 2 * 2)),
         (LLAMA_8B_HEADS, "int4-g128", 2 * 8 * (64 + 2 * 2)),
         (LLAMA_8B_HEADS, "k8v4", 8 * (128 + 2) + 8 * (64 + 8)),
+        # kivi4 keys: a scale and zero per channel per 64 tokens; the bf16 residual group
+        # is fixed per sequence, not per token.
+        (LLAMA_8B_HEADS, "kivi4-g64", 8 * (64 + 2 * 2 * 128 / 64) + 8 * (64 + 2 * 2 * 2)),
+        (SMOLLM2_HEADS, "kivi4-g128", 3 * (32 + 2 * 2 * 64 / 128) + 3 * (32 + 2 * 2 * 1)),
         (SMOLLM2_HEADS, "bf16", 2 * 3 * 64 * 2),
         (SMOLLM2_HEADS, "int8", 2 * 3 * (64 + 2)),
         (SMOLLM2_HEADS, "int4", 2 * 3 * (32 + 4)),
@@ -142,3 +146,18 @@ def test_generate_with_quantized_cache_stays_close_to_dense(fmt):
     assert 0 <= float(kl) < (3e-5 if fmt == "int8" else 4e-3)
     tokens, n = generate(params, cfg, prompt, lengths, jax.random.key(0), max_new_tokens=4, kv_format=fmt)
     assert tokens.shape == (2, 4) and n.tolist() == [4, 4]
+
+
+def test_fp16_to_f32_and_reciprocal_are_exact_for_every_fp16():
+    """Both are integer arithmetic (XLA cannot fold away the fp16 rounding of a scale);
+    checked against numpy's conversion and IEEE division on all 65,536 bit patterns."""
+    h = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    got = np.asarray(jax.jit(kv_cache.fp16_to_f32)(jnp.asarray(h)))
+    want = h.astype(np.float32)
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), h[~same][:8]
+    pos = h[np.isfinite(h) & ~np.signbit(h)]
+    inv = np.asarray(jax.jit(kv_cache.reciprocal_fp16)(jnp.asarray(pos)))
+    with np.errstate(divide="ignore"):
+        want_inv = np.where(pos == 0, np.float32(1), np.float32(1) / pos.astype(np.float32))
+    np.testing.assert_array_equal(inv.view(np.uint32), want_inv.astype(np.float32).view(np.uint32))

@@ -114,6 +114,22 @@ def test_anchors_strided_pattern():
     assert tables.density < 0.1 and tables.partial_fraction < 0.2
 
 
+@pytest.mark.parametrize("pat", [P.DenseCausal(), P.SlidingWindow(37), P.SinksWindow(4, 24), P.anchors_strided(),
+                                 P.Strided(20, 24, 8), P.Dilated(12, 3), P.Dilated(8, 4)], ids=P.describe)
+def test_kernel_mask_is_the_mask(pat):
+    """The kernel's formula (per-row/per-column parts, integer ops) equals `mask`; the
+    tables of such patterns carry it, the others load tiles."""
+    assert pat.in_kernel_mask
+    p = jnp.arange(1000, 1130, dtype=jnp.int32)[:, None]  # [bq, 1]
+    s = jnp.arange(0, 1300, dtype=jnp.int32)[None, :]  # [1, bk]
+    got = pat.kernel_mask(p, s)
+    got = jnp.broadcast_to(True if got is None else got, (130, 1300))
+    np.testing.assert_array_equal(np.asarray(got), pat.mask(np.asarray(p), np.asarray(s)))
+    assert pat.block_tables(64, 64, 16, 16).formula == pat
+    for other in (P.BigBird(16), P.Longformer(16), P.MultiScale(24), P.PerHead((P.SlidingWindow(8),))):
+        assert not other.in_kernel_mask and other.block_tables(64, 64, 16, 16).formula is None
+
+
 def test_sliding_window_is_mistral():
     m = P.SlidingWindow(4).token_mask(8, 8)
     assert m[6].tolist() == [False, False, False, True, True, True, True, False]
@@ -192,7 +208,7 @@ def test_auto_reads_the_measured_table(monkeypatch, tmp_path):
     ]}
     (tmp_path / "t.json").write_text(json.dumps(table))
     monkeypatch.setenv("OLLM_ROUTER_TABLE", str(tmp_path / "t.json"))
-    monkeypatch.setattr(router, "_on_gpu", lambda: True)
+    monkeypatch.setattr(router, "on_gpu", lambda: True)
     monkeypatch.setattr(router, "card", lambda: "h200")
     router.load_table.cache_clear()
     try:

@@ -1,6 +1,7 @@
-"""Fused quantize-and-append kernel: bit-exact against `kv_cache.write` in interpret mode,
-argument errors, the GPU-only rounding trick, and deviceless lowering of the shipped
-configurations to Triton."""
+"""Fused quantize-and-append kernel: bit-exact against `kv_cache.write(impl="xla")` in
+interpret mode (one store, and K and V in one launch), argument errors, the rounding trick
+and the exact fp16 reciprocal, and deviceless lowering of the shipped configurations to
+Triton."""
 
 from __future__ import annotations
 
@@ -44,15 +45,20 @@ def _assert_same(got, want):
             f"{np.unravel_index(bad[0], g.shape)}: kernel {g.flat[bad[0]]} vs write {w.flat[bad[0]]}")
 
 
-def _check(kind, group, b, t, k, d, s, start, count, *, block_t=None, x_dtype=jnp.bfloat16, x=None):
+def _values(seed, b, t, k, d, x_dtype):
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.1, 4.0, (b, t, k, 1))  # rows of different magnitudes
+    return jnp.asarray(rng.standard_normal((b, t, k, d)) * scale + rng.normal(0, 0.5, (b, t, k, 1)), x_dtype)
+
+
+def _check(kind, group, b, t, k, d, s, start, count, *, block_t=None, heads=None, x_dtype=jnp.bfloat16, x=None):
     seed = zlib.crc32(repr((kind, group, b, t, k, d, s, start, count, block_t, str(x_dtype))).encode())
     if x is None:
-        rng = np.random.default_rng(seed)
-        scale = rng.uniform(0.1, 4.0, (b, t, k, 1))  # rows of different magnitudes
-        x = jnp.asarray(rng.standard_normal((b, t, k, d)) * scale + rng.normal(0, 0.5, (b, t, k, 1)), x_dtype)
+        x = _values(seed, b, t, k, d, x_dtype)
     start, count = jnp.asarray(start, jnp.int32), jnp.asarray(count, jnp.int32)
     want = qa.quantize_append_reference(_store(kind, (b, s, k, d), group, seed), x, start, count)
-    got = qa.quantize_append(_store(kind, (b, s, k, d), group, seed), x, start, count, block_t=block_t, interpret=True)
+    got = qa.quantize_append(_store(kind, (b, s, k, d), group, seed), x, start, count, block_t=block_t,
+                             heads=heads, interpret=True)
     _assert_same(got, want)
 
 
@@ -77,6 +83,58 @@ CASES = [
                          ids=[f"{c[0]}-g{c[1]}-{'x'.join(map(str, c[2]))}" for c in CASES])
 def test_matches_write_bit_for_bit(kind, group, shape, start, count, block_t):
     _check(kind, group, *shape, start, count, block_t=block_t)
+
+
+# Heads per program other than the default (all of K's power-of-2 part).
+@pytest.mark.parametrize(("kind", "group", "shape", "heads", "block_t"), [
+    ("int8", 0, (2, 19, 8, 64, 24), 2, 8),
+    ("int4", 32, (2, 19, 4, 128, 24), 1, 16),
+    ("int4", 128, (1, 9, 8, 128, 16), 4, 4),
+], ids=["int8-heads2", "int4-g32-heads1", "int4-g128-heads4"])
+def test_heads_per_program(kind, group, shape, heads, block_t):
+    _check(kind, group, *shape, [3, 0][:shape[0]], [shape[1], 11][:shape[0]], block_t=block_t, heads=heads)
+
+
+# K and V in one launch: (k kind, v kind), int4 group, (B, T, K, D, S), start, count, block_t, heads.
+KV_CASES = [
+    (("int8", "int4"), 64, (3, 37, 2, 128, 50), [0, 20, 5], [37, 0, 30], 16, None),
+    (("int4", "int8"), 32, (2, 19, 4, 64, 24), [0, 9], [19, 19], 8, 2),
+    (("bf16", "int4"), 128, (2, 13, 2, 128, 20), [2, 10], [0, 13], None, None),
+    (("int8", "int8"), 0, (2, 21, 8, 64, 40), [30, 3], [21, 0], 4, None),
+]
+
+
+@pytest.mark.parametrize(("kinds", "group", "shape", "start", "count", "block_t", "heads"), KV_CASES,
+                         ids=[f"{c[0][0]}-{c[0][1]}-g{c[1]}-{'x'.join(map(str, c[2]))}" for c in KV_CASES])
+def test_kv_in_one_launch_matches_write(kinds, group, shape, start, count, block_t, heads):
+    b, t, k, d, s = shape
+    seed = zlib.crc32(repr((kinds, group, shape)).encode())
+    kx, vx = _values(seed, b, t, k, d, jnp.bfloat16), _values(seed + 1, b, t, k, d, jnp.bfloat16)
+    start, count = jnp.asarray(start, jnp.int32), jnp.asarray(count, jnp.int32)
+
+    def stores():
+        return [_store(kind, (b, s, k, d), group or 64, seed + j) for j, kind in enumerate(kinds)]
+
+    want = qa.quantize_append_kv_reference(*stores(), kx, vx, start, count)
+    got = qa.quantize_append_kv(*stores(), kx, vx, start, count, block_t=block_t, heads=heads, interpret=True)
+    for g, w in zip(got, want):
+        _assert_same(g, w)
+
+
+@pytest.mark.parametrize("kv_format", ["k8v4-g32", "kivi4-g32"])
+def test_write_dispatches_to_the_kernel(kv_format):
+    """`write(impl="pallas")` (one launch for K and V; per store beside a kivi4 side)
+    equals `write(impl="xla")`."""
+    fmt = kv_cache.parse_format(kv_format)
+    b, t, k, d, s = 2, 11, 2, 64, 32
+    layer = kv_cache.LayerCache(*(kv_cache.empty_store(kind, (b, s, k, d), fmt.group) for kind in (fmt.k, fmt.v)))
+    kx, vx = _values(1, b, t, k, d, jnp.bfloat16), _values(2, b, t, k, d, jnp.bfloat16)
+    pos = jnp.arange(t, dtype=jnp.int32)[None, :] + jnp.array([[0], [5]], jnp.int32)
+    positions = jnp.where(jnp.arange(t)[None, :] < jnp.array([[t], [7]]), pos, -1)
+    write = jax.jit(kv_cache.write, static_argnames="impl")
+    got, want = write(layer, kx, vx, positions, impl="pallas"), write(layer, kx, vx, positions, impl="xla")
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint8), np.asarray(w).view(np.uint8))
 
 
 @pytest.mark.parametrize(("kind", "x_dtype"), [("fp16", jnp.bfloat16), ("bf16", jnp.float16), ("int8", jnp.float16)])
@@ -105,12 +163,23 @@ def test_degenerate_rows(kind, group):
     _check(kind, group, b, t, k, d, 12, [3], [t], block_t=4, x=x)
 
 
-def test_round_used_on_gpu_is_half_even():
-    """The GPU path rounds by adding 1.5 * 2^23 (Triton lowers no `round`)."""
+def test_rounding_trick_is_half_even():
+    """The kernel rounds by adding 1.5 * 2^23 (Triton lowers no `round`)."""
     y = np.concatenate([np.arange(-300, 300) * 0.5, np.linspace(-200, 200, 10001), [-0.0, 1e-30, -1e-30]])
     y = y.astype(np.float32)
-    got = np.asarray(jax.jit(lambda v: qa._rint(v, gpu=True))(y))
+    got = np.asarray(jax.jit(lambda v: qa._rint(v))(y))
     np.testing.assert_array_equal(got, np.round(y).astype(np.int32))
+
+
+def test_reciprocal_fp16_is_exact():
+    """`kv_cache.reciprocal_fp16` (integer operations only, so every backend agrees) is
+    IEEE 1 / scale for every fp16 scale >= 0, with 0 -> 1 and inf -> 0."""
+    s = np.arange(0, 0x7C01, dtype=np.uint16).view(np.float16)  # +0, subnormals, normals, +inf
+    got = np.asarray(jax.jit(kv_cache.reciprocal_fp16)(jnp.asarray(s)))
+    with np.errstate(divide="ignore"):
+        want = np.float32(1) / np.where(s == 0, np.float16(1), s).astype(np.float32)
+    want[np.isinf(s)] = 0
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
 
 
 def test_argument_errors():
@@ -127,6 +196,13 @@ def test_argument_errors():
         qa.quantize_append(_store("int8", (2, 8, 2, 48), 0, 0), x[..., :48], z, z, interpret=True)
     with pytest.raises(TypeError, match="not LayerCache"):
         qa.quantize_append(kv_cache.LayerCache(store, store), x, z, z, interpret=True)
+    with pytest.raises(ValueError, match="heads=3 must be a power of 2 dividing"):
+        qa.quantize_append(_store("int8", (2, 8, 2, 64), 0, 0), x, z, z, heads=3, interpret=True)
+    with pytest.raises(ValueError, match="heads=4 must be a power of 2 dividing"):
+        qa.quantize_append(_store("int8", (2, 8, 2, 64), 0, 0), x, z, z, heads=4, interpret=True)
+    with pytest.raises(ValueError, match="k and v must have one shape"):
+        qa.quantize_append_kv(_store("int8", (2, 8, 2, 64), 0, 0), _store("int8", (2, 8, 2, 64), 0, 0),
+                              x, x[:, :2], z, z, interpret=True)
 
 
 # Shipped configurations: default knobs at the shapes the engine and the benchmark use.
@@ -140,12 +216,40 @@ LOWERING = [
 @pytest.mark.parametrize(("kind", "group", "shape"), LOWERING,
                          ids=[f"{c[0]}-g{c[1]}-{'x'.join(map(str, c[2]))}" for c in LOWERING])
 def test_lowers_to_triton(kind, group, shape):
-    b, t, k, d, s = shape
-    store = jax.eval_shape(lambda: kv_cache.empty_store(kind, (b, s, k, d), min(group or 64, d)))
-    leaves, tree = jax.tree.flatten(store)
+    _assert_lowers((kind,), group, shape)
 
-    def fn(x, start, count, *leaves):
-        return qa.quantize_append(jax.tree.unflatten(tree, leaves), x, start, count)
+
+# K and V in one launch, as `kv_cache.write` calls it for each kv_format (int4 groups: 64).
+LOWERING_KV = [
+    (kinds, shape)
+    for kinds in [("int8", "int8"), ("int4", "int4"), ("int8", "int4"), ("int4", "int8"), ("bf16", "bf16")]
+    for shape in [(1, 16384, 8, 128, 32768), (2, 2048, 32, 64, 4096), (4, 1, 8, 128, 4096), (2, 7, 3, 64, 256)]
+]
+
+
+@pytest.mark.parametrize(("kinds", "shape"), LOWERING_KV,
+                         ids=[f"{c[0][0]}-{c[0][1]}-{'x'.join(map(str, c[1]))}" for c in LOWERING_KV])
+def test_kv_lowers_to_triton(kinds, shape):
+    _assert_lowers(kinds, 64, shape)
+
+
+def _assert_lowers(kinds, group, shape):
+    """The default configuration of one store's (or, for two kinds, K and V's) append."""
+    b, t, k, d, s = shape
+    stores = [jax.eval_shape(lambda kind=kind: kv_cache.empty_store(kind, (b, s, k, d), min(group or 64, d)))
+              for kind in kinds]
+    flat = [jax.tree.flatten(store) for store in stores]
+
+    def fn(start, count, *args):
+        xs, leaves = args[:len(kinds)], list(args[len(kinds):])
+        sts = []
+        for lv, tree in flat:
+            sts.append(jax.tree.unflatten(tree, leaves[:len(lv)]))
+            leaves = leaves[len(lv):]
+        if len(kinds) == 1:
+            return qa.quantize_append(sts[0], xs[0], start, count)
+        return qa.quantize_append_kv(*sts, *xs, start, count)
 
     ints = jax.ShapeDtypeStruct((b,), jnp.int32)
-    assert_lowers_to_triton(fn, jax.ShapeDtypeStruct((b, t, k, d), jnp.bfloat16), ints, ints, *leaves)
+    xs = [jax.ShapeDtypeStruct((b, t, k, d), jnp.bfloat16)] * len(kinds)
+    assert_lowers_to_triton(fn, ints, ints, *xs, *(a for lv, _ in flat for a in lv))
