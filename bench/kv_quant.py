@@ -139,8 +139,6 @@ def bench_decode_attention(batch, length, args, bandwidth):
                 f"{row['us']:9.1f} us  {row['GBps']:7,.0f} GB/s  {row['pct_copy']:5.1f}% of copy" if "us" in row
                 else f"failed: {row['error'][:120]}"))
             rows.append(row)
-        del k_store, v_store
-    del dense
     gc.collect()
     return rows
 

@@ -382,7 +382,7 @@ def test_mismatched_vocabularies_are_refused(tiny):
     cfg, params = tiny
     other = cfg.replace(vocab_size=cfg.vocab_size + 4)
     tokens, lengths = _batch([[1, 5, 9]])
-    with pytest.raises(ValueError, match=rf"draft vocab_size=100 != target vocab_size=96"):
+    with pytest.raises(ValueError, match=r"draft vocab_size=100 != target vocab_size=96"):
         spec.speculative_generate(params, cfg, tokens, lengths, jax.random.key(0), draft=(params, other),
                                   num_draft_tokens=2, max_new_tokens=4)
     with pytest.raises(ValueError, match=r"draft bos_token_id=7 != target bos_token_id=1"):
