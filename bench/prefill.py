@@ -29,7 +29,8 @@ Acceptance (issue 4), printed at the end:
   dense causal 16k: ours >= 85% of cuDNN's TFLOP/s
   windows 1024 / 4096 at 16k: ours <= 1.15 x cuDNN's time, and under FlexAttention's
     1.05 / 2.56 ms (ANCHORS.md, H200)
-  block-sparse patterns: time <= 1.3 * (d / d_causal) * t_causal + launch, d = block density
+  block-sparse patterns: time <= 1.3 * (d / d_causal) * t_causal + launch, where d / d_causal
+    is the pattern's kept blocks over dense causal's on the same block grid
   strided at 16k: < 1.19 ms (FlexAttention, ANCHORS.md)
 
 Writes <out>/<date>-<card>-prefill[-4k-16k].json and .md (rewritten after each length).
@@ -101,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="no timing: rebuild bench/results/router_table.json from bench/results/*prefill*.json")
     p.add_argument("--out", default=None, help="DIR/ (dated file names) or FILE.json")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on any device (CPU: interpret + xla)")
+    p.add_argument("--recheck", metavar="JSON", default=None,
+                   help="no timing: recompute a saved run's acceptance and rewrite its .json and .md")
     return p.parse_args(argv)
 
 
@@ -208,9 +211,13 @@ def acceptance(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r = by.get((p, s))
             o = ms(p, s, "ours")
             if causal and r and o and ours:
-                budget = 1.3 * r["block_density"] / causal["block_density"] * ours + 1e3 * (causal["launch_s"] or 0)
-                out.append({"check": f"{p} S={s}: time <= 1.3 * (d / d_causal) * t_causal + launch "
-                                     f"({budget:.3f} ms)", "value": o / budget, "pass": o <= budget})
+                # d / d_causal as a ratio of kept blocks on the same block grid: the work kept.
+                # (Densities divide by each pattern's own key axis, which for multi-scale is
+                # S + its summaries, so their ratio would understate its work by S / S'.)
+                kept = r["kept_blocks_per_head"] / causal["kept_blocks_per_head"]
+                budget = 1.3 * kept * ours + 1e3 * (causal["launch_s"] or 0)
+                out.append({"check": f"{p} S={s}: time <= 1.3 * (kept blocks / causal's = {kept:.4f}) * t_causal "
+                                     f"+ launch ({budget:.3f} ms)", "value": o / budget, "pass": o <= budget})
         o = ms("strided", s, "ours")
         if o and s == 16384:
             out.append({"check": "strided S=16384: < 1.19 ms (FlexAttention)", "value": o, "pass": o < 1.19})
@@ -231,7 +238,10 @@ def markdown(env, peak, rows, checks, args) -> str:
         cells += [f"{r['impls'][i]['ms']:.3f}" if "ms" in r["impls"].get(i, {}) else "-" for i in impls]
         cells += [f"{r['impls'][i]['tflops']:.0f}" if "ms" in r["impls"].get(i, {}) else "-" for i in impls]
         table.append(cells)
-    lines += [common.format_table(headers, table), "", "## Acceptance", ""]
+    lines += [common.format_table(headers, table), "",
+              "Density is the fraction of a pattern's own [T, key axis] grid kept; multi-scale's key axis is "
+              "S plus its pooled summaries, so the block-sparse budgets below compare kept blocks (the work) "
+              "with dense causal's on the same block grid.", "", "## Acceptance", ""]
     lines += [f"- {c['check']}: {c['value']:.3f} -> {'PASS' if c['pass'] else 'info' if c['pass'] is None else 'FAIL'}"
               for c in checks]
     return "\n".join(lines) + "\n"
@@ -277,10 +287,29 @@ def rebuild_router_table() -> int:
     return 0
 
 
+def recheck(path: str) -> int:
+    """Recomputes a saved run's acceptance (no timing) and rewrites its .json and .md."""
+    with open(path) as f:
+        saved = json.load(f)
+    args = argparse.Namespace(**saved["args"])
+    saved["acceptance"] = acceptance(saved["rows"])
+    command = "python3 bench/prefill.py --recheck " + path
+    saved["rechecked"] = [e for e in saved.get("rechecked", []) if e["command"] != command] + [
+        {"date": datetime.date.today().isoformat(), "command": command}]
+    common.save_json(path, saved)
+    md = markdown(saved["environment"], saved["matmul_peak_tflops"], saved["rows"], saved["acceptance"], args)
+    with open(path[: -len(".json")] + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.rebuild_router_table:
         return rebuild_router_table()
+    if args.recheck:
+        return recheck(args.recheck)
     on_gpu = jax.default_backend() == "gpu"
     if args.smoke:
         args.seq, args.heads, args.kv_heads, args.head_dim = [256], 4, 1, 64
