@@ -26,8 +26,9 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to $OUT/NAM
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/card.txt" 2>/dev/null || true
 case "${1:-}" in
   a)
-    step 150 gpu_tests python3 -m pytest -q -x -p no:cacheprovider tests/test_flash_prefill.py tests/test_flash_decode.py
-    step 170 qa_sweep python3 -m pallas_kernels.quantize_append --budget-s 120
+    step 170 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_prefill.py tests/test_flash_decode.py \
+      tests/test_quantize_append.py
+    step 150 qa_sweep python3 -m pallas_kernels.quantize_append --budget-s 100
     step 260 prefill_4k_16k python3 bench/prefill.py --seq 4096 16384 --out "$OUT/"
     ;;
   b)

@@ -1,5 +1,5 @@
 """Fused quantize-and-append kernel: bit-exact against `kv_cache.write(impl="xla")` in
-interpret mode (one store, and K and V in one launch), argument errors, the rounding trick
+interpret mode on the CPU and compiled on a GPU (one store, and K and V in one launch), argument errors, the rounding trick
 and the exact fp16 reciprocal, and deviceless lowering of the shipped configurations to
 Triton."""
 
@@ -14,7 +14,10 @@ import pytest
 
 from ollm_jax import kv_cache
 from pallas_kernels import quantize_append as qa
+from pallas_kernels import on_gpu
 from tests.lowering import assert_lowers_to_triton
+
+INTERPRET = not on_gpu()  # the same checks run the compiled kernel on a GPU
 
 
 def _store(kind: str, shape, group: int, seed: int):
@@ -56,9 +59,10 @@ def _check(kind, group, b, t, k, d, s, start, count, *, block_t=None, heads=None
     if x is None:
         x = _values(seed, b, t, k, d, x_dtype)
     start, count = jnp.asarray(start, jnp.int32), jnp.asarray(count, jnp.int32)
-    want = qa.quantize_append_reference(_store(kind, (b, s, k, d), group, seed), x, start, count)
+    # The reference under jit, as models run it (XLA may fuse across the encode there).
+    want = jax.jit(qa.quantize_append_reference)(_store(kind, (b, s, k, d), group, seed), x, start, count)
     got = qa.quantize_append(_store(kind, (b, s, k, d), group, seed), x, start, count, block_t=block_t,
-                             heads=heads, interpret=True)
+                             heads=heads, interpret=INTERPRET)
     _assert_same(got, want)
 
 
@@ -115,8 +119,8 @@ def test_kv_in_one_launch_matches_write(kinds, group, shape, start, count, block
     def stores():
         return [_store(kind, (b, s, k, d), group or 64, seed + j) for j, kind in enumerate(kinds)]
 
-    want = qa.quantize_append_kv_reference(*stores(), kx, vx, start, count)
-    got = qa.quantize_append_kv(*stores(), kx, vx, start, count, block_t=block_t, heads=heads, interpret=True)
+    want = jax.jit(qa.quantize_append_kv_reference)(*stores(), kx, vx, start, count)
+    got = qa.quantize_append_kv(*stores(), kx, vx, start, count, block_t=block_t, heads=heads, interpret=INTERPRET)
     for g, w in zip(got, want):
         _assert_same(g, w)
 
