@@ -67,7 +67,7 @@ MIXED = {"k8v4": ("int8", "int4"), "k4v8": ("int4", "int8"), "kivi4": ("kivi4", 
 KV_FORMATS = (*DENSE_DTYPES, "int8", "int4", *MIXED)
 INT4_GROUPS = (32, 64, 128)
 DEFAULT_INT4_GROUP = 64
-KERNEL_WRITES_DENSE = False  # "auto" writes dense stores with XLA (see `_write_store`)
+KERNEL_WRITES_DENSE = False  # "auto" writes dense stores with XLA (see `_kernel_writes`)
 SCALE_DTYPE = jnp.float16  # scales and zero points: fp16 keeps int8 at 1.94x even for D=64
 # Scales are statistics times these f32 constants (not divided by 127 or 15), and values
 # are multiplied by `reciprocal_fp16(scale)` (not divided by the scale): a division's
@@ -415,18 +415,28 @@ def bytes_per_token(cfg: ModelConfig, kv_format: str | None = None) -> int | flo
     return cfg.num_layers * bytes_per_token_per_layer(cfg, kv_format)
 
 
+def _kernel_writes(impl: str, *stores: Store) -> bool:
+    """Whether the Pallas quantize-and-append kernel writes these stores. Under "auto",
+    dense stores stay with XLA: its scatter fuses with the RoPE that makes k, one kernel
+    fewer per layer in decode (measured on an H200; see bench/README.md)."""
+    dense = any(isinstance(st, Dense) for st in stores)
+    return impl == "pallas" or (impl == "auto" and on_gpu() and (KERNEL_WRITES_DENSE or not dense))
+
+
+def _append_range(positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(start [B], count [B]) of rows whose valid positions are start, start + 1, ... first."""
+    count = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
+    return jnp.where(count > 0, positions[:, 0], 0), count
+
+
 def _write_store(store: Store, x: jax.Array, positions: jax.Array, impl: str) -> Store:
     """Encodes x [B, T, K, D] and writes it at [row, position]; padding is dropped."""
     if isinstance(store, Kivi4):
         return _kivi_write(store, x, positions)
-    # Dense stores stay with XLA under "auto": its scatter fuses with the RoPE that makes
-    # k, one kernel fewer per layer in decode (measured on an H200; see bench/README.md).
-    if impl == "pallas" or (impl == "auto" and on_gpu() and (KERNEL_WRITES_DENSE or not isinstance(store, Dense))):
+    if _kernel_writes(impl, store):
         from pallas_kernels import quantize_append  # the kernels import this module
 
-        count = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)  # [B]
-        start = jnp.where(count > 0, positions[:, 0], 0)
-        return quantize_append.quantize_append(store, x, start, count, interpret=not on_gpu())
+        return quantize_append.quantize_append(store, x, *_append_range(positions), interpret=not on_gpu())
     max_len = jax.tree.leaves(store)[0].shape[1]
     # Padding and positions past the end go to index S, which mode="drop" discards.
     slots = jnp.where((positions >= 0) & (positions < max_len), positions, max_len)  # [B, T]
@@ -446,18 +456,15 @@ def write(
         kivi4 store (and the GPU append kernel) needs each row's valid positions to be
         consecutive and first: start, start + 1, ..., then -1s (as prefill and decode do).
       impl: "auto" (the fused Pallas quantize-and-append kernel on a GPU, XLA's scatter
-        on the CPU; dense stores stay with XLA, see `_write_store`), "xla" or "pallas"
+        on the CPU; dense stores stay with XLA, see `_kernel_writes`), "xla" or "pallas"
         (interpret mode off the GPU). The kernel writes K and V in one launch unless a
         side is kivi4.
     """
     fused = not isinstance(layer.k, Kivi4) and not isinstance(layer.v, Kivi4) and k.shape == v.shape
-    dense = isinstance(layer.k, Dense) or isinstance(layer.v, Dense)  # "auto" leaves these to XLA
-    if fused and (impl == "pallas" or (impl == "auto" and on_gpu() and (KERNEL_WRITES_DENSE or not dense))):
+    if fused and _kernel_writes(impl, layer.k, layer.v):
         from pallas_kernels import quantize_append  # the kernels import this module
 
-        count = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)  # [B]
-        start = jnp.where(count > 0, positions[:, 0], 0)
-        k_store, v_store = quantize_append.quantize_append_kv(layer.k, layer.v, k, v, start, count,
+        k_store, v_store = quantize_append.quantize_append_kv(layer.k, layer.v, k, v, *_append_range(positions),
                                                               interpret=not on_gpu())
         return LayerCache(k=k_store, v=v_store)
     return LayerCache(k=_write_store(layer.k, k, positions, impl), v=_write_store(layer.v, v, positions, impl))

@@ -5,6 +5,8 @@ import os
 import pathlib
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from ollm_jax import model
@@ -22,6 +24,15 @@ TINY_HF = {
     "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
     "tie_word_embeddings": False, "eos_token_id": 2, "bos_token_id": 1,
 }
+
+
+def batch_prompts(prompts: list[list[int]]) -> tuple[jax.Array, jax.Array]:
+    """Right-padded prompt_tokens [B, T] int32 and prompt_lengths [B], as generate() takes."""
+    width = max(map(len, prompts))
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
 @pytest.fixture(scope="session")

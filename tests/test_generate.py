@@ -8,21 +8,14 @@ import pytest
 from ollm_jax import generate
 from ollm_jax.generation import PAD_ID
 from ollm_jax.sampling import SamplingParams, processed_logits
+from tests.conftest import batch_prompts
 
 PROMPTS = [[1, 5, 9, 23, 40, 7, 3], [1, 60], [1, 11, 12, 13, 14]]
 
 
-def _batch(prompts):
-    width = max(map(len, prompts))
-    tokens = np.zeros((len(prompts), width), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
-
-
 def test_batch_equals_each_prompt_alone(tiny):
     cfg, params = tiny
-    tokens, lengths = _batch(PROMPTS)
+    tokens, lengths = batch_prompts(PROMPTS)
     out, n = generate(params, cfg, tokens, lengths, jax.random.key(0), max_new_tokens=12, eos_ids=())
     assert n.tolist() == [12, 12, 12]
     assert len({tuple(r) for r in out.tolist()}) == 3, "rows should differ for different prompts"
@@ -34,7 +27,7 @@ def test_batch_equals_each_prompt_alone(tiny):
 
 def test_eos_stops_a_row(tiny):
     cfg, params = tiny
-    tokens, lengths = _batch(PROMPTS)
+    tokens, lengths = batch_prompts(PROMPTS)
     free, _ = generate(params, cfg, tokens, lengths, jax.random.key(0), max_new_tokens=12, eos_ids=())
     eos = int(free[0, 4])
     stop = free[0].tolist().index(eos) + 1  # the EOS is kept
@@ -51,7 +44,7 @@ def test_eos_stops_a_row(tiny):
 
 def test_all_rows_stopping_ends_the_loop_early(tiny):
     cfg, params = tiny
-    tokens, lengths = _batch(PROMPTS[:1])
+    tokens, lengths = batch_prompts(PROMPTS[:1])
     free, _ = generate(params, cfg, tokens, lengths, jax.random.key(0), max_new_tokens=8, eos_ids=())
     out, n = generate(params, cfg, tokens, lengths, jax.random.key(0), max_new_tokens=8,
                       eos_ids=[int(free[0, 0])])
@@ -60,7 +53,7 @@ def test_all_rows_stopping_ends_the_loop_early(tiny):
 
 def test_fixed_key_reproduces_sampling(tiny):
     cfg, params = tiny
-    tokens, lengths = _batch(PROMPTS)
+    tokens, lengths = batch_prompts(PROMPTS)
     kw = dict(max_new_tokens=16, temperature=1.0, eos_ids=())
     a, _ = generate(params, cfg, tokens, lengths, jax.random.key(7), **kw)
     b, _ = generate(params, cfg, tokens, lengths, jax.random.key(7), **kw)
@@ -72,7 +65,7 @@ def test_fixed_key_reproduces_sampling(tiny):
 @pytest.mark.parametrize("filters", [dict(top_k=1), dict(top_p=1e-6)])
 def test_degenerate_filters_equal_greedy(tiny, filters):
     cfg, params = tiny
-    tokens, lengths = _batch(PROMPTS)
+    tokens, lengths = batch_prompts(PROMPTS)
     greedy, _ = generate(params, cfg, tokens, lengths, jax.random.key(0), max_new_tokens=10, eos_ids=())
     sampled, _ = generate(params, cfg, tokens, lengths, jax.random.key(3), max_new_tokens=10,
                           temperature=1.5, eos_ids=(), **filters)
@@ -81,7 +74,7 @@ def test_degenerate_filters_equal_greedy(tiny, filters):
 
 def test_under_jit_equals_direct_call(tiny):
     cfg, params = tiny
-    tokens, lengths = _batch(PROMPTS)
+    tokens, lengths = batch_prompts(PROMPTS)
     kw = dict(max_new_tokens=9, temperature=0.8, top_k=20, top_p=0.9, eos_ids=(2,))
     direct = generate(params, cfg, tokens, lengths, jax.random.key(1), **kw)
     jitted = jax.jit(generate, static_argnames=("cfg", *kw))(params, cfg, tokens, lengths, jax.random.key(1), **kw)
@@ -127,7 +120,7 @@ def test_bad_prompts_are_refused(tiny, tokens, lengths, match):
 
 def test_bad_sampling_values_are_refused(tiny):
     cfg, params = tiny
-    tokens, lengths = _batch(PROMPTS)
+    tokens, lengths = batch_prompts(PROMPTS)
     for kw, match in [(dict(temperature=-1.0), "temperature=-1.0"), (dict(top_p=0.0), "top_p=0.0"),
                       (dict(top_k=-2), "top_k=-2"), (dict(max_new_tokens=0), "max_new_tokens=0")]:
         with pytest.raises(ValueError, match=match):
@@ -142,7 +135,7 @@ def test_attention_pattern_window_equals_the_config_window(tiny):
     from ollm_jax.patterns import DenseCausal, SlidingWindow, Strided
 
     cfg, params = tiny
-    tokens, lengths = _batch(PROMPTS)
+    tokens, lengths = batch_prompts(PROMPTS)
     key = jax.random.key(0)
     windowed, _ = generate(params, dataclasses.replace(cfg, sliding_window=3), tokens, lengths, key,
                            max_new_tokens=8, eos_ids=(), attention_impl="xla")

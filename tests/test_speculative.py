@@ -22,17 +22,9 @@ from ollm_jax import speculative as spec
 from ollm_jax.config import ModelConfig
 from ollm_jax.model import forward, param_specs
 from ollm_jax.sampling import SamplingParams, processed_logits
-from tests.conftest import SMOLLM2_GGUF, STORIES260K, TINY_HF, require
+from tests.conftest import SMOLLM2_GGUF, STORIES260K, TINY_HF, batch_prompts, require
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-
-
-def _batch(prompts):
-    width = max(map(len, prompts))
-    tokens = np.zeros((len(prompts), width), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
 def _random_prompts(seed, count, vocab, max_len, repeat=False):
@@ -69,7 +61,7 @@ def _perturbed(params, scale: float, seed: int):
 
 
 def _assert_greedy_equal(params, cfg, prompts, draft, *, num_draft_tokens, max_new_tokens, eos_ids, **kw):
-    tokens, lengths = _batch(prompts)
+    tokens, lengths = batch_prompts(prompts)
     want, want_n = generate(params, cfg, tokens, lengths, jax.random.key(0), max_new_tokens=max_new_tokens,
                             eos_ids=eos_ids)
     got, got_n, stats = spec.speculative_generate(
@@ -137,7 +129,7 @@ def test_greedy_equals_generate_smollm2(smollm2, drafter):
         cases = json.load(f)["cases"]
     n = 24
     draft = "prompt_lookup" if drafter == "prompt_lookup" else _small_draft(cfg, 2)
-    tokens, lengths = _batch([c["prompt_ids"] for c in cases])
+    tokens, lengths = batch_prompts([c["prompt_ids"] for c in cases])
     got, got_n, stats = spec.speculative_generate(params, cfg, tokens, lengths, jax.random.key(0), draft=draft,
                                                   num_draft_tokens=4, max_new_tokens=n, eos_ids=())
     assert got_n.tolist() == [n] * len(cases)
@@ -153,7 +145,7 @@ TINY_PROMPTS = _random_prompts(3, 16, TINY_HF["vocab_size"], 20, repeat=True)
 def test_under_jit_equals_generate_with_a_good_draft(tiny):
     """Called inside the caller's jax.jit, with a draft that agrees often but not always."""
     cfg, params = tiny
-    tokens, lengths = _batch(TINY_PROMPTS)
+    tokens, lengths = batch_prompts(TINY_PROMPTS)
     kw = dict(max_new_tokens=30, eos_ids=(2,))
 
     @jax.jit
@@ -259,7 +251,7 @@ def _distribution_failures(small_models, drafter, sampling_kw, rule):
     cfg, target, draft_params = small_models
     sampling = SamplingParams(**sampling_kw)
     draft = (draft_params, cfg) if drafter == "model" else "prompt_lookup"
-    tokens, lengths = _batch([PROMPT] * ROWS)
+    tokens, lengths = batch_prompts([PROMPT] * ROWS)
     out, n, _ = spec.speculative_generate(
         target, cfg, tokens, lengths, jax.random.key(123), draft=draft, num_draft_tokens=DIST_GAMMA,
         max_new_tokens=DIST_NEW, eos_ids=(), adaptive_gamma=False, _acceptance=rule, **sampling_kw)
@@ -354,7 +346,7 @@ def test_rolled_back_caches_equal_plain_decoding(tiny, kv_format):
     cache over [0, length) holds what plain decoding of the same tokens writes."""
     cfg, params = tiny
     prompts = [[1, 5, 9, 23, 40, 7, 3], [1, 60], [1, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
-    tokens, lengths = _batch(prompts)
+    tokens, lengths = batch_prompts(prompts)
     n = 32
     draft_params = _perturbed(params, 0.3, 7) if kv_format in DRAFT_MODEL_FORMATS else None
     state = spec.run(params, cfg, draft_params, None if draft_params is None else cfg, tokens, lengths,
@@ -381,7 +373,7 @@ def test_rolled_back_caches_equal_plain_decoding(tiny, kv_format):
 def test_mismatched_vocabularies_are_refused(tiny):
     cfg, params = tiny
     other = cfg.replace(vocab_size=cfg.vocab_size + 4)
-    tokens, lengths = _batch([[1, 5, 9]])
+    tokens, lengths = batch_prompts([[1, 5, 9]])
     with pytest.raises(ValueError, match=r"draft vocab_size=100 != target vocab_size=96"):
         spec.speculative_generate(params, cfg, tokens, lengths, jax.random.key(0), draft=(params, other),
                                   num_draft_tokens=2, max_new_tokens=4)
@@ -397,7 +389,7 @@ def test_mismatched_vocabularies_are_refused(tiny):
 ])
 def test_bad_drafters_are_refused(tiny, kw, match):
     cfg, params = tiny
-    tokens, lengths = _batch([[1, 5, 9]])
+    tokens, lengths = batch_prompts([[1, 5, 9]])
     with pytest.raises(ValueError, match=match):
         spec.speculative_generate(params, cfg, tokens, lengths, jax.random.key(0),
                                   **{"num_draft_tokens": 2, "max_new_tokens": 4, **kw})

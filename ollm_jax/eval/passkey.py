@@ -275,11 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write results under key 'passkey' of this JSON file")
     args = p.parse_args(argv)
 
-    from ollm_jax import checkpoint
-
-    model = checkpoint.load(args.model, dtype=args.dtype)
-    if model.tokenizer is None:
-        raise SystemExit(f"{args.model}: the checkpoint has no tokenizer")
+    model = quality.load_model(args.model, args.dtype)
     filler = sentences(quality.read_texts(args.haystack)) if args.haystack else CLASSIC_FILLER
     print(f"{args.model} ({model.cfg.dtype}), max_position_embeddings={model.cfg.max_position_embeddings}; "
           f"lengths {args.lengths}, {args.trials} trials each", flush=True)

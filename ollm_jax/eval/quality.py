@@ -66,6 +66,16 @@ def read_texts(paths: Sequence[str | os.PathLike]) -> str:
     return "\n\n".join(parts)
 
 
+def load_model(path: str, dtype: str | None = None):
+    """`checkpoint.load` for the command lines: a checkpoint without a tokenizer exits."""
+    from ollm_jax import checkpoint  # orbax and transformers: only when a command runs
+
+    model = checkpoint.load(path, dtype=dtype)
+    if model.tokenizer is None:
+        raise SystemExit(f"{path}: the checkpoint has no tokenizer")
+    return model
+
+
 def tokenize(tokenizer, text: str) -> list[int]:
     """Plain token ids of `text` (no BOS or other special tokens added)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -337,11 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write results under key 'perplexity' of this JSON file")
     args = p.parse_args(argv)
 
-    from ollm_jax import checkpoint
-
-    model = checkpoint.load(args.model, dtype=args.dtype)
-    if model.tokenizer is None:
-        raise SystemExit(f"{args.model}: the checkpoint has no tokenizer")
+    model = load_model(args.model, args.dtype)
     tokens = tokenize(model.tokenizer, read_texts(args.text))
     windows = token_windows(tokens, args.window, args.max_windows)
     print(f"{args.model} ({model.cfg.dtype}): {len(tokens)} tokens from {len(args.text)} files; "
