@@ -3,10 +3,11 @@
 # device command (run them back to back: the machine is handed back after 30 s idle,
 # and the XLA compilation cache in /tmp/jcc only lives while it is held).
 #
-#   bash bench/gpu_session.sh a    compiled-kernel tests, append sweep (exactness), prefill 4k+16k
+#   bash bench/gpu_session.sh a    decode + append kernel tests compiled, decode sweep, append sweep (exactness)
 #   bash bench/gpu_session.sh b    speculative prompt lookup on SmolLM2 (needs the GGUF, see below)
-#   bash bench/gpu_session.sh c    kv_quant (append, attention, e2e) + end-to-end prefill at 16k
-#   bash bench/gpu_session.sh d    speculative draft-model cost model (8B / 1B shapes), prefill 64k
+#   bash bench/gpu_session.sh c    kv_quant end to end (8B, batch 8, 32k) + end-to-end prefill at 16k
+#   bash bench/gpu_session.sh d    speculative draft-model cost model (8B / 1B shapes)
+#   bash bench/gpu_session.sh e    bf16 decode splits at batch 1, prefill attention at 4k, 16k, 64k
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -26,25 +27,32 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to $OUT/NAM
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/card.txt" 2>/dev/null || true
 case "${1:-}" in
   a)
-    step 170 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_prefill.py tests/test_flash_decode.py \
-      tests/test_quantize_append.py
-    step 150 qa_sweep python3 -m pallas_kernels.quantize_append --budget-s 100
-    step 260 prefill_4k_16k python3 bench/prefill.py --seq 4096 16384 --out "$OUT/"
+    step 150 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py tests/test_quantize_append.py
+    step 110 fd_bf16 python3 -m pallas_kernels.flash_decode --formats bf16 --samples 15
+    step 200 fd_quant python3 -m pallas_kernels.flash_decode --formats int8,int4 --prefetch 0,1 --block-s 64,128 \
+      --samples 15 --no-reference
+    step 110 qa_sweep python3 -m pallas_kernels.quantize_append --budget-s 80 --shapes 1,16384,8,128,32768 \
+      2,2048,32,64,4096 --formats int8 int4-g64 bf16 --kv-formats int8
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \
       --essays "${ESSAYS:-downloads/PaulGrahamEssays}" --out "$OUT/"
     ;;
   c)
-    step 330 kv_quant python3 bench/kv_quant.py --out "$OUT/"
+    step 240 kv_quant_e2e python3 bench/kv_quant.py --parts e2e --out "$OUT/"
     step 240 prefill_e2e python3 bench/decode.py --models 1b 8b --batch 1 --prompt-len 16384 --new-tokens 8 \
-      --no-hf --reps 3 --copy-gib 0.5 --out "$OUT/prefill16k-e2e.json"
+      --no-hf --reps 3 --copy-gib 0.5 --out "$OUT/decode-prompt16k.json"
     ;;
   d)
     # Fewer draft lengths and verify widths than the defaults: 8B compiles dominate.
     step 470 spec_shapes python3 bench/speculative.py --part shapes --fit-gammas 1 2 3 4 6 \
       --verify-widths 1 2 3 4 5 7 --out "$OUT/"
-    step 110 prefill_64k python3 bench/prefill.py --seq 65536 --patterns "dense causal" "window 1024" strided --out "$OUT/"
+    ;;
+  e)
+    step 130 fd_splits python3 -m pallas_kernels.flash_decode --formats bf16 --batch 1 --lengths 32768,131072 \
+      --num-splits 33,49,66,99,132 --block-s 64,128 --samples 10 --no-reference
+    step 260 prefill_4k_16k python3 bench/prefill.py --seq 4096 16384 --out "$OUT/"
+    step 150 prefill_64k python3 bench/prefill.py --seq 65536 --out "$OUT/"
     ;;
   *)
     sed -n 2,16p "$0"; exit 2 ;;

@@ -342,23 +342,30 @@ def _bench(args):  # pragma: no cover - GPU only
     print(f"copy bandwidth, 1 GiB read + written: jax x+1 {jax_bw / 1e9:,.0f} GB/s, torch copy_ "
           + (f"{torch_bw / 1e9:,.0f} GB/s" if torch_bw else "-") + " (%jax, %torch below)\n")
 
-    def loop_of(fn, inner):
-        def body(_, carry):  # the barrier keeps XLA from hoisting the loop-invariant work on x
-            stores, xs = jax.lax.optimization_barrier(carry)
-            return tuple(fn(*stores, *xs)), xs
-        return jax.jit(lambda stores, xs: jax.lax.fori_loop(0, inner, body, (stores, xs))[0], donate_argnums=0)
+    def calls_of(fn, n):
+        def many(stores, xs):  # n calls unrolled: no while loop, whose every step may sync the host
+            for _ in range(n):  # the barrier keeps XLA from sharing the work on x between calls
+                stores, xs = jax.lax.optimization_barrier((stores, xs))
+                stores = tuple(fn(*stores, *xs))
+            return stores
+        return jax.jit(many, donate_argnums=0)
 
     def run(fn, stores, xs):
         """(seconds per call, final stores). fn(*stores, *xs) -> stores (donated, updated in
-        place); every call writes the same rows, so the final stores are one call's result."""
-        loop = loop_of(fn, args.inner)
-        stores = jax.block_until_ready(loop(stores, xs))
-        times = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            stores = jax.block_until_ready(loop(stores, xs))
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times)) / args.inner, stores
+        place); every call writes the same rows, so the final stores are one call's result.
+        Per call = the slope between programs of `inner` and 3 x `inner` calls (medians of
+        `reps` runs), so the fixed cost of a run (dispatch, the final sync) drops out."""
+        medians = []
+        for n in (args.inner, 3 * args.inner):
+            many = calls_of(fn, n)
+            stores = jax.block_until_ready(many(stores, xs))
+            times = []
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                stores = jax.block_until_ready(many(stores, xs))
+                times.append(time.perf_counter() - t0)
+            medians.append(float(np.median(times)))
+        return (medians[1] - medians[0]) / (2 * args.inner), stores
 
     def differing(got, want):  # bytes; want: host arrays
         return sum(int(np.sum(np.asarray(g).view(np.uint8) != w.view(np.uint8)))
@@ -466,7 +473,7 @@ if __name__ == "__main__":  # pragma: no cover
     p.add_argument("--no-xla", action="store_true", help="skip timing XLA's write (exactness is still checked)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch copy_ bandwidth (a child process)")
     p.add_argument("--budget-s", type=float, default=220, help="start no new measurement after this many seconds")
-    p.add_argument("--inner", type=int, default=20, help="calls per timed jitted loop")
+    p.add_argument("--inner", type=int, default=20, help="calls per timed jitted program (and 3x that: see run)")
     p.add_argument("--reps", type=int, default=20, help="timed loops; the median is reported")
     p.add_argument("--interpret", action="store_true", help=argparse.SUPPRESS)
     _bench(p.parse_args())
