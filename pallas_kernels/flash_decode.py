@@ -563,6 +563,27 @@ def _seconds_per_call(fn, arg_sets: list[tuple], samples: int) -> tuple[float, j
     return (t3 - t1) / (len(arg_sets) - third), first
 
 
+def _seconds_per_call_in_loop(fn, q, k, v, calls: int, samples: int) -> float:
+    """Seconds per call of `fn` run `calls` times in one `lax.fori_loop`, each call's query
+    chained on the previous output (as a model's decode loop runs it; XLA may run the
+    loop body as a graph, with no host launch per call); median of `samples` runs, after
+    a compiling run. The sweep reports it beside the slope of `_seconds_per_call`: the
+    two disagreed at batch 1, 128k in bench/kv_quant.py's timing (see
+    bench/results/2026-11-27-h200-kv_quant-status.md)."""
+
+    def body(_, qc):  # the next query depends on this output, so no call is hoisted or skipped
+        return (qc + 1e-30 * fn(qc, k, v).astype(jnp.float32)).astype(qc.dtype)
+
+    loop = jax.jit(lambda qc: lax.fori_loop(0, calls, body, qc))
+    jax.block_until_ready(loop(q))
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loop(q))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / calls
+
+
 def _ints(text: str | None) -> list[int | None]:
     return [None] if text is None else [int(x) for x in text.split(",")]
 
@@ -605,8 +626,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{copy_bw / 1e9:.0f} GB/s on {card}")
     h, kv_heads, d = args.heads, args.kv_heads, args.head_dim
     knob_sets = list(itertools.product(*map(_ints, (args.block_s, args.num_splits, args.num_warps, args.num_stages))))
-    headers = ["B", "L", "format", "block_s", "splits", "warps", "stages", "us", "GB/s", "% copy",
-               "XLA us", "XLA GB/s", "x XLA", "max|err| vs XLA"]
+    headers = ["B", "L", "format", "block_s", "splits", "warps", "stages", "us", "GB/s", "% copy", "loop us",
+               "loop % copy", "XLA us", "XLA GB/s", "x XLA", "max|err| vs XLA"]
     rows, best = [], {}
     key = jax.random.key(0)
     for b, length, fmt_name in itertools.product(_ints(args.batch), _ints(args.lengths), args.formats.split(",")):
@@ -639,12 +660,14 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 t, got = _seconds_per_call(fn, arg_sets, args.samples)
                 got = got.astype(jnp.float32)
+                t_loop = _seconds_per_call_in_loop(fn, *arg_sets[0], calls // 3, args.samples)
             except Exception as e:  # a knob setting Triton rejects (e.g. too much shared memory)
                 print(f"B={b} L={length} {fmt_name} {cfg}: {type(e).__name__}: {str(e)[:300]}")
                 continue
             err = "-" if expected is None else f"{float(jnp.max(jnp.abs(got - expected))):.1e}"
             rows.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
                          f"{t * 1e6:.1f}", f"{nbytes / t / 1e9:.0f}", f"{100 * nbytes / t / copy_bw:.0f}",
+                         f"{t_loop * 1e6:.1f}", f"{100 * nbytes / t_loop / copy_bw:.0f}",
                          "-" if ref_s is None else f"{ref_s * 1e6:.1f}",
                          "-" if ref_s is None else f"{nbytes / ref_s / 1e9:.0f}",
                          "-" if ref_s is None else f"{ref_s / t:.2f}", err])
@@ -657,7 +680,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nflash_decode on {card}: H={h}, K={kv_heads}, D={d}; the query at position L-1 of an L-slot "
           f"cache; GB/s = K and V bytes read (data, scales, zeros) / time; % copy = of the {copy_bw / 1e9:.0f} "
           f"GB/s measured above; x XLA = XLA reference time / kernel time; per-call time = slope between "
-          f"runs of N and 3N calls, N >= {args.calls} (medians of {args.samples})")
+          f"runs of N and 3N calls, N >= {args.calls} (medians of {args.samples}); loop us = N calls chained "
+          f"through the query in one fori_loop")
     print(common.format_table(headers, rows))
     if len(knob_sets) > 1 or len(best) > 1:
         print("\nbest configuration per case; x bf16 = bf16 kernel time / this format's kernel time")
