@@ -183,6 +183,13 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def median_seconds(call: Callable[[], Any], reps: int) -> float:
+    """Median wall seconds of `call()` blocked on, over `reps` runs after one untimed run
+    (compilation, warm-up)."""
+    jax.block_until_ready(call())
+    return median([timed(lambda: jax.block_until_ready(call()))[0] for _ in range(reps)])
+
+
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A GitHub-markdown table (also readable as plain text)."""
     cells = [[str(c) for c in row] for row in [headers] + rows]

@@ -29,7 +29,7 @@ case "${1:-}" in
   a)
     step 150 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py tests/test_quantize_append.py
     step 110 fd_bf16 python3 -m pallas_kernels.flash_decode --formats bf16 --samples 15
-    step 200 fd_quant python3 -m pallas_kernels.flash_decode --formats int8,int4 --prefetch 0,1 --block-s 64,128 \
+    step 200 fd_quant python3 -m pallas_kernels.flash_decode --formats int8,int4 --block-s 64,128 \
       --samples 15 --no-reference
     step 110 qa_sweep python3 -m pallas_kernels.quantize_append --budget-s 80 --shapes 1,16384,8,128,32768 \
       2,2048,32,64,4096 --formats int8 int4-g64 bf16 --kv-formats int8

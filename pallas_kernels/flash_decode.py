@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -547,20 +545,13 @@ def _seconds_per_call(fn, arg_sets: list[tuple], samples: int) -> tuple[float, j
     final sync: about 30 us a call when 16 calls shared it) and keeps what a model's
     step pays per call: the kernel, the combine, the gaps between launches."""
 
-    def median_run(sets):
-        many = jax.jit(lambda sets: [fn(*a) for a in sets])
-        first = jax.block_until_ready(many(sets))[0]
-        times = []
-        for _ in range(samples):
-            t0 = time.perf_counter()
-            jax.block_until_ready(many(sets))
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times), first
+    from bench import common  # on sys.path once main() runs
 
+    many = jax.jit(lambda sets: [fn(*a) for a in sets])
     third = len(arg_sets) // 3
-    t1, first = median_run(arg_sets[:third])
-    t3, _ = median_run(arg_sets)
-    return (t3 - t1) / (len(arg_sets) - third), first
+    t1 = common.median_seconds(lambda: many(arg_sets[:third]), samples)
+    t3 = common.median_seconds(lambda: many(arg_sets), samples)
+    return (t3 - t1) / (len(arg_sets) - third), many(arg_sets[:third])[0]
 
 
 def _seconds_per_call_in_loop(fn, q, k, v, calls: int, samples: int) -> float:
@@ -571,17 +562,13 @@ def _seconds_per_call_in_loop(fn, q, k, v, calls: int, samples: int) -> float:
     two disagreed at batch 1, 128k in bench/kv_quant.py's timing (see
     bench/results/2026-11-27-h200-kv_quant-status.md)."""
 
+    from bench import common  # on sys.path once main() runs
+
     def body(_, qc):  # the next query depends on this output, so no call is hoisted or skipped
         return (qc + 1e-30 * fn(qc, k, v).astype(jnp.float32)).astype(qc.dtype)
 
     loop = jax.jit(lambda qc: lax.fori_loop(0, calls, body, qc))
-    jax.block_until_ready(loop(q))
-    times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        jax.block_until_ready(loop(q))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / calls
+    return common.median_seconds(lambda: loop(q), samples) / calls
 
 
 def _ints(text: str | None) -> list[int | None]:

@@ -355,17 +355,15 @@ def _bench(args):  # pragma: no cover - GPU only
         place); every call writes the same rows, so the final stores are one call's result.
         Per call = the slope between programs of `inner` and 3 x `inner` calls (medians of
         `reps` runs), so the fixed cost of a run (dispatch, the final sync) drops out."""
-        medians = []
-        for n in (args.inner, 3 * args.inner):
-            many = calls_of(fn, n)
-            stores = jax.block_until_ready(many(stores, xs))
-            times = []
-            for _ in range(args.reps):
-                t0 = time.perf_counter()
-                stores = jax.block_until_ready(many(stores, xs))
-                times.append(time.perf_counter() - t0)
-            medians.append(float(np.median(times)))
-        return (medians[1] - medians[0]) / (2 * args.inner), stores
+        state = {"stores": stores}  # donated on every call: each call takes the last one's result
+
+        def call(many):
+            state["stores"] = many(state["stores"], xs)
+            return state["stores"]
+
+        t1, t3 = (common.median_seconds(functools.partial(call, calls_of(fn, n)), args.reps)
+                  for n in (args.inner, 3 * args.inner))
+        return (t3 - t1) / (2 * args.inner), state["stores"]
 
     def differing(got, want):  # bytes; want: host arrays
         return sum(int(np.sum(np.asarray(g).view(np.uint8) != w.view(np.uint8)))
