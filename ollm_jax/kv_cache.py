@@ -17,8 +17,12 @@ Each of K and V is held in one *store*:
 
   Dense(x)               x [B, S, K, D] bf16/fp16/fp32
   Int8(q, scale)         symmetric, a scale per token per KV head:
-                         x[b,s,k,:] ~= q[b,s,k,:] * scale[b,s,k];  q int8 [B, S, K, D],
-                         scale fp16 [B, S, K]
+                         x[b,s,k,:] ~= n[b,s,k,:] * scale[b,s,k] with int8 n; four values
+                         a 32-bit word: byte c of q[..., j] is channel j + c * D/4 (the
+                         four quarters of head_dim), so q is uint32 [B, S, K, D/4];
+                         scale fp16 [B, S, K]. (Words, not bytes: a GPU kernel reads a
+                         word and hands four fp16 values to four dots, where a byte
+                         array costs a shared-memory load per value.)
   Int4(q, scale, zero)   asymmetric, a scale and zero point per group of `group`
                          consecutive channels of one token and head; two values a byte:
                          the low nibble of q[..., j] is channel j, the high nibble channel
@@ -129,7 +133,7 @@ class Dense:
 
 @struct.dataclass
 class Int8:
-    q: jax.Array  # [B, S, K, D] int8
+    q: jax.Array  # [B, S, K, D/4] uint32: byte c of word j is channel j + c * D/4, int8
     scale: jax.Array  # [B, S, K] fp16
 
 
@@ -200,16 +204,29 @@ def reciprocal_fp16(scale: jax.Array) -> jax.Array:
     return jnp.where(s32 == jnp.inf, 0.0, inv)
 
 
+def pack_int8(n: jax.Array) -> jax.Array:
+    """int8 [..., D] -> uint32 words [..., D/4]: byte c of word j is channel j + c * D/4."""
+    *lead, d = n.shape
+    quarters = jax.lax.bitcast_convert_type(n, jnp.uint8).astype(jnp.uint32).reshape(*lead, 4, d // 4)
+    return quarters[..., 0, :] | quarters[..., 1, :] << 8 | quarters[..., 2, :] << 16 | quarters[..., 3, :] << 24
+
+
+def unpack_int8(q: jax.Array) -> jax.Array:
+    """uint32 words [..., D/4] -> int8 [..., D] in channel order."""
+    quarters = [(q >> (8 * c)) & 0xFF for c in range(4)]  # [..., D/4] each
+    return jax.lax.bitcast_convert_type(jnp.concatenate(quarters, axis=-1).astype(jnp.uint8), jnp.int8)
+
+
 def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [..., D] -> (q int8 [..., D], scale fp16 [...]): symmetric, absmax / 127."""
+    """x [..., D] -> (q uint32 [..., D/4], scale fp16 [...]): symmetric, absmax / 127."""
     x32 = x.astype(jnp.float32)
     scale = (jnp.max(jnp.abs(x32), axis=-1) * INV127).astype(SCALE_DTYPE)  # [...]
-    q = jnp.round(x32 * reciprocal_fp16(scale)[..., None])
-    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+    n = jnp.round(x32 * reciprocal_fp16(scale)[..., None])
+    return pack_int8(jnp.clip(n, -127, 127).astype(jnp.int8)), scale
 
 
 def dequantize_int8(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    return (q.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]).astype(dtype)
+    return (unpack_int8(q).astype(jnp.float32) * scale.astype(jnp.float32)[..., None]).astype(dtype)
 
 
 def quantize_int4(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -256,7 +273,9 @@ def empty_store(kind: str, shape: tuple[int, ...], group: int, dtype=jnp.bfloat1
     if kind in DENSE_DTYPES:
         return Dense(jnp.zeros(shape, DENSE_DTYPES[kind]))
     if kind == "int8":
-        return Int8(jnp.zeros(shape, jnp.int8), jnp.zeros(lead, SCALE_DTYPE))
+        if d % 4:
+            raise ValueError(f"int8 stores pack four channels a word: head_dim {d} is not a multiple of 4")
+        return Int8(jnp.zeros((*lead, d // 4), jnp.uint32), jnp.zeros(lead, SCALE_DTYPE))
     return Int4(
         jnp.zeros((*lead, d // 2), jnp.uint8),
         jnp.zeros((*lead, d // group), SCALE_DTYPE),

@@ -4,7 +4,12 @@ One query token per sequence attends over its sequence's cache slots. K and V ar
 in their storage format (`ollm_jax.kv_cache` stores: Dense, Int8, Int4, possibly a
 different one for K and for V) and dequantized in registers:
 
-- int8: scores = (q . k_q) * scale; the V scale multiplies the probabilities.
+- int8: four values a 32-bit word, one per quarter of head_dim; each word becomes four
+  fp16 values, one for each of four dots over a quarter of the channels:
+  scores = sum_c (q_c . k_c) * scale; the V scale multiplies the probabilities, and
+  quarter c of the output accumulates p . v_c. (Reading words keeps Triton's conversion
+  after the shared-memory load at one 32-bit load per four values; int8 bytes were
+  gathered one load per value into the dot layout.)
 - int4: each packed byte gives its low nibble (channel j in [0, D/2)) and its high
   nibble in place (16 x channel j + D/2's value, so no shift), one dot per quantization
   group and half; scores = sum_n scale_n * (q_n . nibbles_n) + zero_n * sum(q_n), and
@@ -23,7 +28,8 @@ softmaxes.
 Dimensions: B batch, S cache slots (slot s holds position s), H query heads, K KV heads,
 G = H // K query heads per KV head, Gp G padded to a power of two >= 16, D head_dim,
 N = D / group int4 quantization groups, P splits of the visible key range, Ts keys per
-block (`block_s`), C = min(group, D/2) int4 channels per unpacked chunk.
+block (`block_s`), C = min(group, D/2) int4 channels per unpacked chunk, Q = D/4 int8
+channels per quarter (the words per token).
 """
 
 from __future__ import annotations
@@ -88,19 +94,20 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int) ->
 
 
 def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len: int) -> Config:
-    """The defaults (the same for every format until GPU tuning says otherwise;
-    `k_kind`/`v_kind` are where per-format choices go). For D = 128 on sm_90 (pip Triton
-    3.6, offline), block_s 128 with 4 warps and 2 stages needs <= 168 registers a thread
-    (int4-g32: 255, no spill) and <= 72 KiB of shared memory in every format, so 2-3
-    programs fit on an SM; block_s 256 spills for int4-g32 and, with 3 stages, exceeds
-    the shared memory for bf16."""
-    del k_kind, v_kind
-    block_s = min(128, max(16, _pow2_ceil(max_len)))
+    """The defaults. For D = 128 on sm_90 (pip Triton 3.6, offline), block_s 128 with 4
+    warps and 2 stages needs <= 168 registers a thread (int4-g32: 255, no spill) and
+    <= 72 KiB of shared memory in every format, so 2-3 programs fit on an SM; block_s 256
+    spills for int4-g32 and, with 3 stages, exceeds the shared memory for bf16. int8 on
+    both sides takes 64-slot blocks and 3 stages: at batch 1 and 128k on an H200 that
+    measured 88-101 us against 106-118 us for 128 slots and 2 stages (two runs,
+    bench/results/2026-11-27-h200-kv_quant-status.md)."""
+    int8 = k_kind == v_kind == "int8"
+    block_s = min(64 if int8 else 128, max(16, _pow2_ceil(max_len)))
     return Config(
         block_s=block_s,
         num_splits=default_num_splits(batch, kv_heads, max_len, block_s),
         num_warps=4,
-        num_stages=2,
+        num_stages=3 if int8 else 2,
     )
 
 
@@ -145,9 +152,22 @@ prmt.b32 t1, u, magic, 0x7362;
 sub.f16x2 $0, t0, bias;
 sub.f16x2 $1, t1, bias;
 }}"""
-PTX_INT8_TO_FP16 = _PTX_BYTES_TO_FP16.format(op="xor.b32", operand="0x80808080", bias="0x64806480")  # u = b + 128
 PTX_INT4_LOW_TO_FP16 = _PTX_BYTES_TO_FP16.format(op="and.b32", operand="0x0F0F0F0F", bias="0x64006400")  # n
 PTX_INT4_HIGH_TO_FP16 = _PTX_BYTES_TO_FP16.format(op="and.b32", operand="0xF0F0F0F0", bias="0x64006400")  # 16 n
+# int8 words (kv_cache.Int8): two words in, byte c of each out as an fp16x2 (one asm per
+# quarter c; Pallas lowers single-result asm only). The prmt spreads the two bytes to
+# bytes 0 and 2, one lop3 masks them and xors in both the 0x64 high bytes and the sign
+# flip (byte ^ 0x80 = b + 128), and the subtraction removes 1024 + 128.
+_PTX_INT8_WORDS_TO_FP16 = """{{
+.reg .b32 t, mask, magic;
+mov.b32 mask, 0x00FF00FF;
+mov.b32 magic, 0x64806480;
+prmt.b32 t, $1, $2, {selector};
+lop3.b32 t, t, mask, magic, 0x6A;
+sub.f16x2 $0, t, magic;
+}}"""
+PTX_INT8_WORDS_TO_FP16 = tuple(_PTX_INT8_WORDS_TO_FP16.format(selector=hex(c | c << 4 | (4 + c) << 8 | (4 + c) << 12))
+                               for c in range(4))
 
 
 def _bytes_to_fp16(x: jax.Array, ptx: str) -> jax.Array:
@@ -156,9 +176,14 @@ def _bytes_to_fp16(x: jax.Array, ptx: str) -> jax.Array:
     )[0]
 
 
-def _int8_to_fp16(x: jax.Array, interpret: bool) -> jax.Array:
-    """int8 [...] -> fp16, exact."""
-    return x.astype(jnp.float16) if interpret else _bytes_to_fp16(x, PTX_INT8_TO_FP16)
+def _int8_words_to_fp16(words: jax.Array, interpret: bool) -> list[jax.Array]:
+    """uint32 words [Ts, Q] -> the four quarters' values, fp16 [Ts, Q] each, exact."""
+    if interpret:
+        return [lax.bitcast_convert_type(((words >> (8 * c)) & 0xFF).astype(jnp.uint8), jnp.int8).astype(jnp.float16)
+                for c in range(4)]
+    return [plt.elementwise_inline_asm(ptx, args=[words], constraints="=r,r,r", pack=2,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.float16)])[0]
+            for ptx in PTX_INT8_WORDS_TO_FP16]
 
 
 def _unpack_int4(packed: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
@@ -252,8 +277,11 @@ def _flash_decode_kernel(
             q_sum[c * k_chunk // k_group] += jnp.sum(q_lo[c].astype(f32), axis=1)
             q_sum[(half + c * k_chunk) // k_group] += jnp.sum(q_hi[c].astype(f32), axis=1)
         q_sum = [x * score_scale for x in q_sum]  # [Gp] each
+    elif k_kind == "int8":
+        quarter = d // 4
+        q_quarters = [load_q(pl.ds(c * quarter, quarter)).astype(qdt) for c in range(4)]  # [Gp, Q] each
     else:
-        q = load_q(slice(None)).astype(dt if k_kind == "dense" else qdt)  # [Gp, D]
+        q = load_q(slice(None)).astype(dt)  # [Gp, D]
 
     def k_scores(rows, visible, k_sc):
         vis2 = visible[:, None]  # [Ts, 1]
@@ -261,8 +289,9 @@ def _flash_decode_kernel(
             k = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D]
             return jnp.dot(q, k.T, preferred_element_type=f32) * score_scale  # [Gp, Ts]
         if k_kind == "int8":
-            k = _int8_to_fp16(plt.load(k_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, D]
-            return jnp.dot(q, k.T, preferred_element_type=f32) * k_sc[0][None, :]  # [Gp, Ts]
+            k = _int8_words_to_fp16(plt.load(k_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, Q] x 4
+            dots = [jnp.dot(q_c, k_c.T, preferred_element_type=f32) for q_c, k_c in zip(q_quarters, k)]  # [Gp, Ts]
+            return (dots[0] + dots[1] + dots[2] + dots[3]) * k_sc[0][None, :]
         # Per group: q . nibbles over its low-half channels, and q . (16 * nibbles) over
         # its high-half ones (see _unpack_int4), [Gp, Ts] f32 each.
         dots_lo, dots_hi = [None] * k_n, [None] * k_n
@@ -292,6 +321,8 @@ def _flash_decode_kernel(
         acc0 = tuple(jnp.zeros((gp, v_chunk), f32) for _ in range(2 * v_chunks)) + tuple(
             jnp.zeros((gp,), f32) for _ in range(v_n)
         )
+    elif v_kind == "int8":
+        acc0 = tuple(jnp.zeros((gp, d // 4), f32) for _ in range(4))  # [Gp, Q] per quarter
     else:
         acc0 = (jnp.zeros((gp, d), f32),)  # [Gp, D]
 
@@ -301,9 +332,9 @@ def _flash_decode_kernel(
             v = plt.load(v_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D]
             return (acc[0] + jnp.dot(p.astype(dt), v, preferred_element_type=f32),)
         if v_kind == "int8":
-            v = _int8_to_fp16(plt.load(v_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, D]
+            v = _int8_words_to_fp16(plt.load(v_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, Q] x 4
             p_scaled = (p * v_sc[0][None, :]).astype(qdt)  # [Gp, Ts]: the V scale on the probabilities
-            return (acc[0] + jnp.dot(p_scaled, v, preferred_element_type=f32),)
+            return tuple(a + jnp.dot(p_scaled, v_c, preferred_element_type=f32) for a, v_c in zip(acc, v))
         p_scaled, z_acc = [], list(acc[2 * v_chunks :])
         for n in range(v_n):
             scale, zero = v_sc[2 * n], v_sc[2 * n + 1]  # [Ts]
@@ -346,6 +377,9 @@ def _flash_decode_kernel(
             for col, a in ((c * v_chunk, acc[c]), (half + c * v_chunk, acc[v_chunks + c] * 0.0625)):
                 z = acc[2 * v_chunks + col // v_group]  # [Gp]: sum(p * zero) of this chunk's group
                 store(o_ref, pl.ds(col, v_chunk), a + z[:, None])  # [Gp, C]
+    elif v_kind == "int8":
+        for c in range(4):
+            store(o_ref, pl.ds(c * (d // 4), d // 4), acc[c])  # [Gp, Q]
     else:
         store(o_ref, slice(None), acc[0])  # [Gp, D]
     vec_mask = None if row_mask is None else row_mask[:, 0]
@@ -380,11 +414,13 @@ def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str
     for name, store, kind in (("k", k, k_kind), ("v", v, v_kind)):
         data = _store_arrays(store)[0]
         if data.ndim != 4:
-            raise ValueError(f"{name} store data must be [B, S, K, D or D/2], got {data.shape=}")
-        width = data.shape[-1] * (2 if kind == "int4" else 1)
+            raise ValueError(f"{name} store data must be [B, S, K, D, D/2 or D/4], got {data.shape=}")
+        width = data.shape[-1] * {"dense": 1, "int4": 2, "int8": 4}[kind]
         shapes[name] = (*data.shape[:3], width)
         if kind == "dense" and data.dtype not in Q_DTYPES:
             raise ValueError(f"dense {name} must be bfloat16 or float16, got {data.dtype=}")
+        if kind == "int8" and width < 64:
+            raise ValueError(f"{name}: int8 needs head_dim >= 64 (quarters of >= 16 channels), got {width}")
         if kind == "int4":
             n, group = store.scale.shape[-1], store.group
             if n * group != width or not (group == width or (width // 2) % group == 0) or min(group, width // 2) < 16:
@@ -437,7 +473,7 @@ def flash_decode(
 
     Args:
       q: [B, H, D] bf16/fp16, RoPE applied.
-      k, v: kv_cache stores (Dense bf16/fp16, Int8, Int4), data [B, S, K, D(/2)];
+      k, v: kv_cache stores (Dense bf16/fp16, Int8, Int4), data [B, S, K, D, D/4 or D/2];
         slot s holds position s. K and V may be in different formats.
       q_positions: [B] int32; the query at p sees slots s <= p (and s > p -
         sliding_window); -1 marks a padding row (finite output, value unused).
@@ -525,7 +561,7 @@ def _random_store(key, side: str, shape: tuple[int, ...], group: int) -> Store:
         return Dense(jax.random.normal(k1, shape, kv_cache.DENSE_DTYPES[side]))
     if side == "int8":
         return Int8(
-            jax.random.randint(k1, shape, -127, 128, jnp.int8),
+            jax.random.bits(k1, (*lead, d // 4), jnp.uint32),
             jax.random.uniform(k2, lead, kv_cache.SCALE_DTYPE, 0.005, 0.02),
         )
     n = d // group

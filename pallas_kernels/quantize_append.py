@@ -2,7 +2,7 @@
 
 Reads new values x [B, T, K, D] once and writes them, quantized in the store's format,
 straight into the cache buffers at per-sequence contiguous positions start[b] + t for
-t < count[b]: int8 data and its scales, packed int4 nibbles with their scales and zero
+t < count[b]: int8 values four to a word with their scales, packed int4 nibbles with their scales and zero
 points, or (Dense) a plain cast. The cache buffers are aliased to the kernel's outputs
 (`input_output_aliases`), so under jit with the stores donated nothing is copied.
 `quantize_append` fills one store; `quantize_append_kv` fills a layer's K and V stores
@@ -33,8 +33,8 @@ a row mask (the last token block may run past T; rows past S are dropped). int4 
 the two halves of head_dim (the two nibbles of a byte) chunk by chunk, one statistics
 group per chunk, so nothing is reshaped or sliced in registers.
 
-Dimensions: B batch, T new tokens, S cache slots, K KV heads, D head_dim, H = D / 2 (int4
-byte j holds channels j and j + H), N = D / group int4 groups per token and head,
+Dimensions: B batch, T new tokens, S cache slots, K KV heads, D head_dim, W = D / 4 (int8
+word j holds channels j + c * W in byte c), H = D / 2 (int4 byte j holds channels j and j + H), N = D / group int4 groups per token and head,
 C = min(group, H) channels per statistics chunk, G = H / C chunks per half, R = block_t,
 KH = heads per program.
 """
@@ -108,10 +108,16 @@ def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t:
         put(x_out, 0, d, plt.load(src, mask=mask(kh, d), other=0))
     elif fmt == "int8":
         q_out, scale_out = outs
-        x = load(0, d)  # [R, KH, D]
-        scale = (jnp.max(jnp.abs(x), axis=2) * INV127).astype(SCALE_DTYPE)  # [R, KH]
-        y = x * reciprocal_fp16(scale)[:, :, None]
-        put(q_out, 0, d, _rint(jnp.clip(y, -127.0, 127.0)))  # int32 -> int8
+        w = d // 4
+        quarters = [load(c * w, w) for c in range(4)]  # [R, KH, W]: channels j + c * W
+        absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=2) for x in quarters])  # [R, KH]
+        scale = (absmax * INV127).astype(SCALE_DTYPE)
+        inv = reciprocal_fp16(scale)[:, :, None]
+        words = None
+        for c, x in enumerate(quarters):  # byte c of each word: its int8 bits
+            byte = (_rint(jnp.clip(x * inv, -127.0, 127.0)) & 0xFF) << (8 * c)  # [R, KH, W] int32
+            words = byte if words is None else words | byte
+        put(q_out, 0, w, lax.bitcast_convert_type(words, jnp.uint32))
         put_stat(scale_out, scale)
     else:
         q_out, scale_out, zero_out = outs
@@ -140,7 +146,7 @@ def _kernel(start_ref, count_ref, *refs, parts, block_t: int, heads: int):
     # start_ref, count_ref: [B] int32 (whole arrays)
     # refs: x of each part [B, T, K, D] (whole arrays), every part's store buffers as
     #   inputs (aliased, unused), then the same buffers as outputs:
-    #   dense: x [B, S, K, D];  int8: q [B, S, K, D] int8, scale [B, S, K] fp16;
+    #   dense: x [B, S, K, D];  int8: q [B, S, K, W] uint32, scale [B, S, K] fp16;
     #   int4: q [B, S, K, H] uint8, scale [B, S, K, N] fp16, zero [B, S, K, N] fp16
     # parts: ((fmt, group, number of buffers), ...), one per store (K, or K and V)
     xs = refs[:len(parts)]
@@ -182,12 +188,12 @@ def _check(store, x, start, count):
         raise ValueError(f"x must be [B, T, K, D], got {x.shape=}")
     b, t, k, d = x.shape
     sb, _, sk = leaves[0].shape[:3]
-    sd = store.x.shape[3] if fmt == "dense" else store.q.shape[3] * (2 if fmt == "int4" else 1)
+    sd = leaves[0].shape[3] * {"dense": 1, "int4": 2, "int8": 4}[fmt]
     if (sb, sk, sd) != (b, k, d):
         raise ValueError(f"{x.shape=} does not match the store's [B, S, K, D] = {(sb, leaves[0].shape[1], sk, sd)}")
     if start.shape != (b,) or count.shape != (b,):
         raise ValueError(f"start and count must be [B] = [{b}], got {start.shape=} {count.shape=}")
-    if not _pow2(d) or (fmt == "int4" and d < 2):  # int4 needs two halves
+    if not _pow2(d) or (fmt == "int4" and d < 2) or (fmt == "int8" and d < 4):  # int4: halves; int8: quarters
         raise ValueError(f"head_dim {d=} must be a power of 2 for the Triton lowering")
     if fmt == "int4" and not _pow2(store.group):
         raise ValueError(f"int4 group {store.group=} must be a power of 2")

@@ -245,10 +245,10 @@ def test_tuning_grid_lowers_to_triton(block_s):
 
 # ------------------------------------------------------------------------------ PTX
 
-def _emulate_ptx(asm: str, word: int) -> tuple[int, int]:
-    """Runs the few PTX instructions the kernel's conversions use ($0, $1 outputs,
-    $2 the input word) and returns the two output words."""
-    regs = {"$2": word}
+def _emulate_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """Runs the few PTX instructions the kernel's conversions use on 32-bit registers
+    (`inputs`: the asm's input operands, e.g. {"$2": word}); returns every register."""
+    regs = dict(inputs)
 
     def val(x):
         return regs[x] if x in regs else int(x, 16) & 0xFFFFFFFF
@@ -265,6 +265,10 @@ def _emulate_ptx(asm: str, word: int) -> tuple[int, int]:
             regs[dst] = a[0] ^ a[1]
         elif op == "and.b32":
             regs[dst] = a[0] & a[1]
+        elif op == "lop3.b32":  # bit i of dst = bit (4 a_i + 2 b_i + c_i)... of the LUT, with a=F0, b=CC, c=AA
+            lut = a[3]
+            regs[dst] = sum(((lut >> ((a[0] >> i & 1) << 2 | (a[1] >> i & 1) << 1 | (a[2] >> i & 1))) & 1) << i
+                            for i in range(32))
         elif op == "prmt.b32":  # default mode: byte i of dst = byte sel_i of {b, a}
             pool = a[0].to_bytes(4, "little") + a[1].to_bytes(4, "little")
             regs[dst] = int.from_bytes(bytes(pool[(a[2] >> (4 * i)) & 7] for i in range(4)), "little")
@@ -273,22 +277,34 @@ def _emulate_ptx(asm: str, word: int) -> tuple[int, int]:
             regs[dst] = int((x - y).view(np.uint32)[0])
         else:
             raise NotImplementedError(op)
-    return regs["$0"], regs["$1"]
+    return regs
+
+
+def _fp16x2(*words: int) -> np.ndarray:
+    return np.array(words, np.uint32).view(np.float16)
 
 
 @pytest.mark.parametrize(
     "asm, want",
-    [
-        (fd.PTX_INT8_TO_FP16, lambda b: b.view(np.int8)),
-        (fd.PTX_INT4_LOW_TO_FP16, lambda b: b & 0x0F),
-        (fd.PTX_INT4_HIGH_TO_FP16, lambda b: b & 0xF0),
-    ],
-    ids=["int8", "int4-low", "int4-high-x16"],
+    [(fd.PTX_INT4_LOW_TO_FP16, lambda b: b & 0x0F), (fd.PTX_INT4_HIGH_TO_FP16, lambda b: b & 0xF0)],
+    ids=["int4-low", "int4-high-x16"],
 )
-def test_ptx_conversions_exact(asm, want):
+def test_ptx_nibble_conversions_exact(asm, want):
     """Each byte of a 32-bit word becomes one fp16 of the two output words (element i
     = byte i, output element order low half first), exactly, for all 256 byte values."""
     for start in range(0, 256, 4):
         data = np.arange(start, start + 4, dtype=np.uint8)
-        out = np.array(_emulate_ptx(asm, int(data.view(np.uint32)[0])), np.uint32).view(np.float16)
-        np.testing.assert_array_equal(out, want(data).astype(np.float16))
+        regs = _emulate_ptx(asm, {"$2": int(data.view(np.uint32)[0])})
+        np.testing.assert_array_equal(_fp16x2(regs["$0"], regs["$1"]), want(data).astype(np.float16))
+
+
+def test_ptx_int8_word_conversion_exact():
+    """Quarter c's asm turns byte c of each of two words into an fp16x2 (first word's in
+    the low half), exactly as int8, for every byte value in every byte position."""
+    for v in range(256):  # byte c of a is v + c, of b v + c + 128 (mod 256): every value everywhere
+        a = ((v + np.arange(4)) % 256).astype(np.uint8)
+        b = a + np.uint8(128)
+        words = {"$1": int(a.view(np.uint32)[0]), "$2": int(b.view(np.uint32)[0])}
+        for c, asm in enumerate(fd.PTX_INT8_WORDS_TO_FP16):
+            got = _fp16x2(_emulate_ptx(asm, words)["$0"])
+            np.testing.assert_array_equal(got, np.array([a[c], b[c]], np.uint8).view(np.int8).astype(np.float16))

@@ -24,12 +24,22 @@ def _cfg(**kw) -> ModelConfig:
 def test_int8_round_trip_error_is_half_a_step():
     x = jax.random.normal(jax.random.key(0), (3, 7, 2, 64), jnp.float32) * 3
     q, scale = kv_cache.quantize_int8(x)
-    assert q.dtype == jnp.int8 and scale.shape == (3, 7, 2) and scale.dtype == jnp.float16
+    assert q.shape == (3, 7, 2, 16) and q.dtype == jnp.uint32
+    assert scale.shape == (3, 7, 2) and scale.dtype == jnp.float16
     err = jnp.abs(kv_cache.dequantize_int8(q, scale, jnp.float32) - x)
     step = scale.astype(jnp.float32)[..., None]
     # Rounding to the nearest step of the fp16 scale; the absmax element may clip by <1 step
     # because the scale was rounded to fp16 (relative error 2^-11).
     assert bool(jnp.all(err <= 0.5 * step + 127 * step * 2.0**-11 + 1e-6))
+
+
+def test_int8_words_hold_the_quarters_of_head_dim():
+    """Byte c of word j is channel j + c * D/4, as two's complement int8 (against numpy)."""
+    n = np.random.default_rng(0).integers(-128, 128, (2, 3, 16), dtype=np.int8)
+    words = np.asarray(kv_cache.pack_int8(jnp.asarray(n)))  # [2, 3, 4]
+    as_bytes = words.astype("<u4").view(np.uint8).reshape(2, 3, 4, 4)  # [..., word j, byte c]
+    np.testing.assert_array_equal(as_bytes.transpose(0, 1, 3, 2).reshape(2, 3, 16).view(np.int8), n)
+    np.testing.assert_array_equal(np.asarray(kv_cache.unpack_int8(jnp.asarray(words))), n)
 
 
 @pytest.mark.parametrize("group", [8, 16, 32])
