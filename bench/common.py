@@ -9,6 +9,7 @@ importing it imports jax.
 from __future__ import annotations
 
 import datetime
+import glob
 import importlib.metadata
 import json
 import os
@@ -17,6 +18,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -188,6 +190,43 @@ def median_seconds(call: Callable[[], Any], reps: int) -> float:
     (compilation, warm-up)."""
     jax.block_until_ready(call())
     return median([timed(lambda: jax.block_until_ready(call()))[0] for _ in range(reps)])
+
+
+def busy_ns(spans: list[tuple[int, int]]) -> int:
+    """Length of the union of [start, end) intervals: time a device had work, counted once
+    where kernels of several streams overlap."""
+    busy, end = 0, None
+    for start, stop in sorted(spans):
+        if end is None or start >= end:
+            busy, end = busy + stop - start, stop
+        elif stop > end:
+            busy, end = busy + stop - end, stop
+    return busy
+
+
+def device_busy_seconds(call: Callable[[], Any], reps: int = 3) -> float | None:
+    """Seconds the GPU spends running kernels and copies per `call()`, from a
+    `jax.profiler` trace of `reps` calls (after one untimed call): the union of the event
+    intervals on the device's stream lines, divided by `reps`. None where the trace has no
+    GPU plane (the CPU). Host dispatch and launch gaps are not counted, which a wall-clock
+    time keeps: side by side the two separate kernel time from per-call overhead. XLA runs
+    without command buffers while profiling, which changes the gaps, not the kernels."""
+    if jax.default_backend() != "gpu":
+        return None
+    jax.block_until_ready(call())
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(reps):
+                jax.block_until_ready(call())
+        paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            return None
+        data = jax.profiler.ProfileData.from_file(paths[0])
+    spans = [(ev.start_ns, ev.start_ns + ev.duration_ns)
+             for plane in data.planes if plane.name.startswith("/device:GPU:")
+             for line in plane.lines if line.name.startswith("Stream")
+             for ev in line.events]
+    return busy_ns(spans) / 1e9 / reps if spans else None
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:

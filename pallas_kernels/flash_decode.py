@@ -572,14 +572,16 @@ def _random_store(key, side: str, shape: tuple[int, ...], group: int) -> Store:
     )
 
 
-def _seconds_per_call(fn, arg_sets: list[tuple], samples: int) -> tuple[float, jax.Array]:
-    """(seconds per call of `fn`, its output for arg_sets[0]). `fn` runs once per argument
+def _seconds_per_call(fn, arg_sets: list[tuple], samples: int) -> tuple[float, float | None, jax.Array]:
+    """(seconds per call of `fn`, GPU busy seconds per call, its output for arg_sets[0]). `fn` runs once per argument
     tuple, back to back inside one jitted program (distinct inputs, so nothing is CSE'd);
     that program over the first third of the tuples and over all of them are each timed
     `samples` times (median), and the difference is divided by the extra calls. The
     slope drops the fixed cost of a run (dispatching a program of many arguments, the
     final sync: about 30 us a call when 16 calls shared it) and keeps what a model's
-    step pays per call: the kernel, the combine, the gaps between launches."""
+    step pays per call: the kernel, the combine, the gaps between launches. The busy time
+    (`bench.common.device_busy_seconds` of the shorter program, None off the GPU) is the
+    kernels' own: the two side by side say how much of a call is launch and gap."""
 
     from bench import common  # on sys.path once main() runs
 
@@ -587,7 +589,8 @@ def _seconds_per_call(fn, arg_sets: list[tuple], samples: int) -> tuple[float, j
     third = len(arg_sets) // 3
     t1 = common.median_seconds(lambda: many(arg_sets[:third]), samples)
     t3 = common.median_seconds(lambda: many(arg_sets), samples)
-    return (t3 - t1) / (len(arg_sets) - third), many(arg_sets[:third])[0]
+    busy = common.device_busy_seconds(lambda: many(arg_sets[:third]))
+    return (t3 - t1) / (len(arg_sets) - third), None if busy is None else busy / third, many(arg_sets[:third])[0]
 
 
 def _seconds_per_call_in_loop(fn, q, k, v, calls: int, samples: int) -> float:
@@ -637,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=16, help="kernel calls per timed run (at least enough "
                         "cache copies to cycle through 256 MiB, so repeats do not hit L2)")
     parser.add_argument("--no-reference", action="store_true", help="skip XLA's reference")
-    parser.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (tiny sizes)")
+    parser.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (pass tiny --lengths, e.g. 256)")
     args = parser.parse_args(argv)
 
     torch_bw = None if args.interpret else common.torch_copy_bandwidth_in_child(1 << 30)  # before jax takes the GPU
@@ -650,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     h, kv_heads, d = args.heads, args.kv_heads, args.head_dim
     knob_sets = list(itertools.product(*map(_ints, (args.block_s, args.num_splits, args.num_warps, args.num_stages))))
     headers = ["B", "L", "format", "block_s", "splits", "warps", "stages", "us", "GB/s", "% copy", "loop us",
-               "loop % copy", "XLA us", "XLA GB/s", "x XLA", "max|err| vs XLA"]
+               "loop % copy", "busy us", "busy % copy", "XLA us", "XLA GB/s", "x XLA", "max|err| vs XLA"]
     rows, best = [], {}
     key = jax.random.key(0)
     for b, length, fmt_name in itertools.product(_ints(args.batch), _ints(args.lengths), args.formats.split(",")):
@@ -671,7 +674,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_reference:
             ref_fn = lambda q, k, v: flash_decode_reference(q, k, v, pos)  # noqa: E731
             try:
-                ref_s, expected = _seconds_per_call(ref_fn, arg_sets, args.samples)
+                ref_s, _, expected = _seconds_per_call(ref_fn, arg_sets, args.samples)
                 expected = expected.astype(jnp.float32)
             except Exception as e:  # e.g. out of memory: still time the kernel
                 print(f"XLA reference, B={b} L={length} {fmt_name}: {type(e).__name__}: {str(e)[:200]}")
@@ -681,7 +684,7 @@ def main(argv: list[str] | None = None) -> None:
             kernel = functools.partial(flash_decode, **dataclasses.asdict(cfg), interpret=args.interpret)
             fn = lambda q, k, v: kernel(q, k, v, pos)  # noqa: E731
             try:
-                t, got = _seconds_per_call(fn, arg_sets, args.samples)
+                t, busy, got = _seconds_per_call(fn, arg_sets, args.samples)
                 got = got.astype(jnp.float32)
                 t_loop = _seconds_per_call_in_loop(fn, *arg_sets[0], calls // 3, args.samples)
             except Exception as e:  # a knob setting Triton rejects (e.g. too much shared memory)
@@ -691,6 +694,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
                          f"{t * 1e6:.1f}", f"{nbytes / t / 1e9:.0f}", f"{100 * nbytes / t / copy_bw:.0f}",
                          f"{t_loop * 1e6:.1f}", f"{100 * nbytes / t_loop / copy_bw:.0f}",
+                         "-" if busy is None else f"{busy * 1e6:.1f}",
+                         "-" if busy is None else f"{100 * nbytes / busy / copy_bw:.0f}",
                          "-" if ref_s is None else f"{ref_s * 1e6:.1f}",
                          "-" if ref_s is None else f"{nbytes / ref_s / 1e9:.0f}",
                          "-" if ref_s is None else f"{ref_s / t:.2f}", err])
@@ -704,7 +709,8 @@ def main(argv: list[str] | None = None) -> None:
           f"cache; GB/s = K and V bytes read (data, scales, zeros) / time; % copy = of the {copy_bw / 1e9:.0f} "
           f"GB/s measured above; x XLA = XLA reference time / kernel time; per-call time = slope between "
           f"runs of N and 3N calls, N >= {args.calls} (medians of {args.samples}); loop us = N calls chained "
-          f"through the query in one fori_loop")
+          f"through the query in one fori_loop; busy us = GPU busy time per call in a profiler trace (kernels "
+          f"and the combine, no launch gaps)")
     print(common.format_table(headers, rows))
     if len(knob_sets) > 1 or len(best) > 1:
         print("\nbest configuration per case; x bf16 = bf16 kernel time / this format's kernel time")

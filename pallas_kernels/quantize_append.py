@@ -357,26 +357,30 @@ def _bench(args):  # pragma: no cover - GPU only
         return jax.jit(many, donate_argnums=0)
 
     def run(fn, stores, xs):
-        """(seconds per call, final stores). fn(*stores, *xs) -> stores (donated, updated in
-        place); every call writes the same rows, so the final stores are one call's result.
-        Per call = the slope between programs of `inner` and 3 x `inner` calls (medians of
-        `reps` runs), so the fixed cost of a run (dispatch, the final sync) drops out."""
+        """(seconds per call, GPU busy seconds per call or None, final stores).
+        fn(*stores, *xs) -> stores (donated, updated in place); every call writes the same
+        rows, so the final stores are one call's result. Per call = the slope between
+        programs of `inner` and 3 x `inner` calls (medians of `reps` runs), so the fixed
+        cost of a run (dispatch, the final sync) drops out; busy = the kernels' own time
+        in a profiler trace of the shorter program (`bench.common.device_busy_seconds`)."""
         state = {"stores": stores}  # donated on every call: each call takes the last one's result
 
         def call(many):
             state["stores"] = many(state["stores"], xs)
             return state["stores"]
 
-        t1, t3 = (common.median_seconds(functools.partial(call, calls_of(fn, n)), args.reps)
-                  for n in (args.inner, 3 * args.inner))
-        return (t3 - t1) / (2 * args.inner), state["stores"]
+        short = calls_of(fn, args.inner)
+        t1, t3 = (common.median_seconds(functools.partial(call, many), args.reps)
+                  for many in (short, calls_of(fn, 3 * args.inner)))
+        busy = common.device_busy_seconds(functools.partial(call, short))
+        return (t3 - t1) / (2 * args.inner), None if busy is None else busy / args.inner, state["stores"]
 
     def differing(got, want):  # bytes; want: host arrays
         return sum(int(np.sum(np.asarray(g).view(np.uint8) != w.view(np.uint8)))
                    for g, w in zip(jax.tree.leaves(got), want))
 
     print(f"{'B,T,K,D,S':>19} {'format':>12} {'impl':>7} {'R':>3} {'KH':>2} {'w':>2} {'st':>2} "
-          f"{'us':>7} {'GB/s':>6} {'%jax':>5} {'%torch':>6} exact")
+          f"{'us':>7} {'GB/s':>6} {'%jax':>5} {'%torch':>6} {'busy':>6} {'%torch':>6} exact")
     best = []
     stop = False
     kv_shapes = args.shapes if args.kv_shapes is None else args.kv_shapes
@@ -415,13 +419,15 @@ def _bench(args):  # pragma: no cover - GPU only
                                (("block_t", 3), ("heads", 2), ("num_warps", 2), ("num_stages", 2)))
                       if impl in ("pallas", "default") else f"{'':>12}"))
             try:
-                sec, got = run(fn, tuple(empty()), tuple(xs))
+                sec, busy, got = run(fn, tuple(empty()), tuple(xs))
                 bad = differing(got, want)
             except Exception as e:  # a config the Triton compiler rejects: report, go on
                 print(f"{tag} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
                 return
             speed = f"{sec * 1e6:7.1f} {moved / sec / 1e9:6.0f} {100 * moved / sec / jax_bw:4.0f}% " + (
-                f"{100 * moved / sec / torch_bw:5.0f}%" if torch_bw else f"{'-':>6}")
+                f"{100 * moved / sec / torch_bw:5.0f}%" if torch_bw else f"{'-':>6}") + (
+                f" {busy * 1e6:6.1f} " + (f"{100 * moved / busy / torch_bw:5.0f}%" if torch_bw else f"{'-':>6}")
+                if busy else f" {'-':>6} {'-':>6}")
             print(f"{tag} {speed} " + ("yes" if bad == 0 else f"NO: {bad} bytes differ"), flush=True)
             if impl in ("pallas", "default") and bad == 0:
                 best.append(((shape_s, label), sec, tag, speed))
