@@ -24,16 +24,16 @@ Each of K and V is held in one *store*:
                          word and hands four fp16 values to four dots, where a byte
                          array costs a shared-memory load per value.)
   Int4(q, scale, zero)   asymmetric, a scale and zero point per group of `group`
-                         consecutive channels of one token and head; two values a byte:
-                         the low nibble of q[..., j] is channel j, the high nibble channel
-                         j + D/2 (the two halves of head_dim), so q is uint8 [B, S, K, D/2];
+                         consecutive channels of one token and head; four values a 16-bit
+                         word: nibble e (bits 4e..4e+3) of q[..., j] is channel j + e * D/4
+                         (the quarters of head_dim, as Int8), so q is uint16 [B, S, K, D/4];
                          x[..., d] ~= n[..., d] * scale[..., d // group] + zero[..., d // group]
                          with n in [0, 15]; scale, zero fp16 [B, S, K, D / group]
 
   Kivi4(q, scale, zero, residual, flushed)
                          KIVI-style keys: int4 per *channel*, a scale and zero point per
                          channel for each group of `group` consecutive tokens; q packed as
-                         in Int4, scale, zero fp16 [B, S/group, K, D]. A token's group can
+                         in Int4 (uint16 [B, S, K, D/4]), scale, zero fp16 [B, S/group, K, D]. A token's group can
                          only be quantized once all its tokens exist, so the most recent
                          tokens, positions [flushed, flushed + group), stay in full
                          precision in `residual` [B, group, K, D] (slot p % group) and are
@@ -139,18 +139,18 @@ class Int8:
 
 @struct.dataclass
 class Int4:
-    q: jax.Array  # [B, S, K, D/2] uint8: low nibble channel j, high nibble channel j + D/2
+    q: jax.Array  # [B, S, K, D/4] uint16: nibble e of word j is channel j + e * D/4
     scale: jax.Array  # [B, S, K, N] fp16
     zero: jax.Array  # [B, S, K, N] fp16
 
     @property
     def group(self) -> int:
-        return 2 * self.q.shape[-1] // self.scale.shape[-1]
+        return 4 * self.q.shape[-1] // self.scale.shape[-1]
 
 
 @struct.dataclass
 class Kivi4:
-    q: jax.Array  # [B, S, K, D/2] uint8, packed as Int4; S a multiple of the group
+    q: jax.Array  # [B, S, K, D/4] uint16, packed as Int4; S a multiple of the group
     scale: jax.Array  # [B, S/group, K, D] fp16: per channel, per group of tokens
     zero: jax.Array  # [B, S/group, K, D] fp16
     residual: jax.Array  # [B, group, K, D] full precision: positions [flushed, flushed + group)
@@ -229,8 +229,16 @@ def dequantize_int8(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     return (unpack_int8(q).astype(jnp.float32) * scale.astype(jnp.float32)[..., None]).astype(dtype)
 
 
+def pack_int4(n: jax.Array) -> jax.Array:
+    """Nibbles (0..15, any integer dtype) [..., D] -> uint16 words [..., D/4]: nibble e of
+    word j is channel j + e * D/4."""
+    *lead, d = n.shape
+    quarters = n.astype(jnp.uint16).reshape(*lead, 4, d // 4)
+    return quarters[..., 0, :] | quarters[..., 1, :] << 4 | quarters[..., 2, :] << 8 | quarters[..., 3, :] << 12
+
+
 def quantize_int4(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x [..., D] -> (q uint8 [..., D/2], scale, zero fp16 [..., D/group]): asymmetric."""
+    """x [..., D] -> (q uint16 [..., D/4], scale, zero fp16 [..., D/group]): asymmetric."""
     *lead, d = x.shape
     g = x.astype(jnp.float32).reshape(*lead, d // group, group)  # [..., N, group]
     lo, hi = jnp.min(g, axis=-1), jnp.max(g, axis=-1)  # [..., N]
@@ -238,13 +246,12 @@ def quantize_int4(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array, jax.A
     scale = ((hi - lo) * INV15).astype(SCALE_DTYPE)
     n = jnp.round((g - fp16_to_f32(zero)[..., None]) * reciprocal_fp16(scale)[..., None])
     n = jnp.clip(n, 0, 15).astype(jnp.uint8).reshape(*lead, d)  # [..., D]
-    packed = n[..., : d // 2] | (n[..., d // 2 :] << 4)  # [..., D/2]
-    return packed, scale, zero
+    return pack_int4(n), scale, zero
 
 
 def unpack_int4(q: jax.Array) -> jax.Array:
-    """q uint8 [..., D/2] -> nibbles uint8 [..., D] in channel order."""
-    return jnp.concatenate([q & 0xF, q >> 4], axis=-1)
+    """q uint16 [..., D/4] -> nibbles uint8 [..., D] in channel order."""
+    return jnp.concatenate([(q >> (4 * e)) & 0xF for e in range(4)], axis=-1).astype(jnp.uint8)
 
 
 def dequantize_int4(q: jax.Array, scale: jax.Array, zero: jax.Array, dtype) -> jax.Array:
@@ -260,10 +267,12 @@ def empty_store(kind: str, shape: tuple[int, ...], group: int, dtype=jnp.bfloat1
     """An all-zero store of `kind` for values of `shape` [B, S, K, D]; `dtype` is the
     full-precision dtype (Kivi4's residual)."""
     *lead, d = shape
+    if kind in ("int4", "kivi4") and d % 4:
+        raise ValueError(f"int4 stores pack four channels a 16-bit word: head_dim {d} is not a multiple of 4")
     if kind == "kivi4":
         b, s, k, _ = shape
         return Kivi4(
-            jnp.zeros((b, s, k, d // 2), jnp.uint8),
+            jnp.zeros((b, s, k, d // 4), jnp.uint16),
             jnp.zeros((b, s // group, k, d), SCALE_DTYPE),
             jnp.zeros((b, s // group, k, d), SCALE_DTYPE),
             jnp.zeros((b, group, k, d), dtype),
@@ -277,7 +286,7 @@ def empty_store(kind: str, shape: tuple[int, ...], group: int, dtype=jnp.bfloat1
             raise ValueError(f"int8 stores pack four channels a word: head_dim {d} is not a multiple of 4")
         return Int8(jnp.zeros((*lead, d // 4), jnp.uint32), jnp.zeros(lead, SCALE_DTYPE))
     return Int4(
-        jnp.zeros((*lead, d // 2), jnp.uint8),
+        jnp.zeros((*lead, d // 4), jnp.uint16),
         jnp.zeros((*lead, d // group), SCALE_DTYPE),
         jnp.zeros((*lead, d // group), SCALE_DTYPE),
     )
@@ -350,8 +359,7 @@ def _kivi_write(store: Kivi4, x: jax.Array, positions: jax.Array) -> Kivi4:
     zero = lo.astype(SCALE_DTYPE)
     scale = ((hi - lo) * INV15).astype(SCALE_DTYPE)
     n = jnp.round((groups - fp16_to_f32(zero)[:, :, None]) * reciprocal_fp16(scale)[:, :, None])
-    n = jnp.clip(n, 0, 15).astype(jnp.uint8).reshape(b, width, k, d)
-    packed = n[..., : d // 2] | (n[..., d // 2 :] << 4)  # [B, W, K, D/2]
+    packed = pack_int4(jnp.clip(n, 0, 15).astype(jnp.uint8).reshape(b, width, k, d))  # [B, W, K, D/4]
 
     new_len = start + count  # [B]
     flushed = (new_len // g) * g

@@ -10,13 +10,13 @@ different one for K and for V) and dequantized in registers:
   quarter c of the output accumulates p . v_c. (Reading words keeps Triton's conversion
   after the shared-memory load at one 32-bit load per four values; int8 bytes were
   gathered one load per value into the dot layout.)
-- int4: each packed byte gives its low nibble (channel j in [0, D/2)) and its high
-  nibble in place (16 x channel j + D/2's value, so no shift), one dot per quantization
-  group and half; scores = sum_n scale_n * (q_n . nibbles_n) + zero_n * sum(q_n), and
-  for V the group scale multiplies the probabilities and the zero point adds
-  sum(p * zero_n) per group.
-- Integers become fp16 by a magic-number trick in inline PTX (`_PTX_BYTES_TO_FP16`),
-  so dots against quantized data run in fp16; dense K/V dot in q's dtype.
+- int4: four nibbles a 16-bit word, one per quarter of head_dim, read as words the same
+  way; nibbles 1 and 3 are masked in place (16 x their value, no shift; the 1/16 is
+  applied to the dot), one dot per quarter and chunk of at most one quantization group;
+  scores = sum_n scale_n * (q_n . nibbles_n) + zero_n * sum(q_n), and for V the group
+  scale multiplies the probabilities and the zero point adds sum(p * zero_n) per group.
+- Integers become fp16 by a magic-number trick in inline PTX, so dots against quantized
+  data run in fp16; dense K/V dot in q's dtype.
 
 Grid (B, K, P): one program per sequence, KV head and split. All G query heads of a KV
 head share one read of each K/V tile (their rows are padded to a dot-friendly Gp >= 16).
@@ -28,8 +28,8 @@ softmaxes.
 Dimensions: B batch, S cache slots (slot s holds position s), H query heads, K KV heads,
 G = H // K query heads per KV head, Gp G padded to a power of two >= 16, D head_dim,
 N = D / group int4 quantization groups, P splits of the visible key range, Ts keys per
-block (`block_s`), C = min(group, D/2) int4 channels per unpacked chunk, Q = D/4 int8
-channels per quarter (the words per token).
+block (`block_s`), Q = D/4 channels per quarter (the int8 and int4 words per token),
+C = min(group, Q) int4 channels per unpacked chunk.
 """
 
 from __future__ import annotations
@@ -132,32 +132,21 @@ def resolve_config(
 # ------------------------------------------------------------------------------ kernel
 
 
-# Integer -> fp16 conversions by the fp16 "magic number" trick, four values per 32-bit
-# register: a byte u placed under the high byte 0x64 reads as the fp16 1024 + u (exact:
-# fp16 steps by 1 in [1024, 2048)), and one packed fp16x2 subtraction removes the bias.
-# That is 1.25 instructions per value, against about 2.5 for Triton's own int8 -> bf16
-# and several for a uint8 shift (done a byte at a time). Quantized data therefore meets
-# q and the probabilities in fp16 dots: fp16 holds a bf16 query entry exactly when
+# Integer -> fp16 conversions by the fp16 "magic number" trick: a byte u placed under the
+# high byte 0x64 reads as the fp16 1024 + u (exact: fp16 steps by 1 in [1024, 2048)), and
+# one packed fp16x2 subtraction removes the bias. Quantized data therefore meets q and
+# the probabilities in fp16 dots: fp16 holds a bf16 query entry exactly when
 # 2^-14 <= |q| < 65504 (smaller ones keep an absolute error below 2^-25), and rounds
-# probabilities 8x finer than bf16. Interpret mode runs the jnp equivalents (the same
-# values); tests/test_flash_decode.py runs these strings through a small PTX emulator
-# on all 256 byte values.
-_PTX_BYTES_TO_FP16 = """{{
-.reg .b32 u, t0, t1, magic, bias;
-mov.b32 magic, 0x64646464;
-mov.b32 bias, {bias};
-{op} u, $2, {operand};
-prmt.b32 t0, u, magic, 0x5140;
-prmt.b32 t1, u, magic, 0x7362;
-sub.f16x2 $0, t0, bias;
-sub.f16x2 $1, t1, bias;
-}}"""
-PTX_INT4_LOW_TO_FP16 = _PTX_BYTES_TO_FP16.format(op="and.b32", operand="0x0F0F0F0F", bias="0x64006400")  # n
-PTX_INT4_HIGH_TO_FP16 = _PTX_BYTES_TO_FP16.format(op="and.b32", operand="0xF0F0F0F0", bias="0x64006400")  # 16 n
-# int8 words (kv_cache.Int8): two words in, byte c of each out as an fp16x2 (one asm per
-# quarter c; Pallas lowers single-result asm only). The prmt spreads the two bytes to
+# probabilities 8x finer than bf16. Each asm takes two words (pack=2: two tokens' words,
+# the pair mma wants in one register) and returns one quarter's two values as an fp16x2;
+# one asm per quarter, as jax 0.11.2's Pallas lowers single-result asm only. Interpret
+# mode runs the jnp equivalents (the same values); tests/test_flash_decode.py runs these
+# strings through a small PTX emulator on every value in every position.
+#
+# int8 words (kv_cache.Int8, uint32): the prmt gathers byte c of the two words into
 # bytes 0 and 2, one lop3 masks them and xors in both the 0x64 high bytes and the sign
-# flip (byte ^ 0x80 = b + 128), and the subtraction removes 1024 + 128.
+# flip (byte ^ 0x80 = b + 128), and the subtraction removes 1024 + 128: 1.5
+# instructions a value.
 _PTX_INT8_WORDS_TO_FP16 = """{{
 .reg .b32 t, mask, magic;
 mov.b32 mask, 0x00FF00FF;
@@ -168,12 +157,29 @@ sub.f16x2 $0, t, magic;
 }}"""
 PTX_INT8_WORDS_TO_FP16 = tuple(_PTX_INT8_WORDS_TO_FP16.format(selector=hex(c | c << 4 | (4 + c) << 8 | (4 + c) << 12))
                                for c in range(4))
+# int4 words (kv_cache.Int4, uint16; two arrive packed in one 32-bit register): nibble e
+# of each. Nibbles 2 and 3 are first moved down a byte (prmt), then one lop3 masks the
+# nibble in place and ors in 0x64 (nibbles 1 and 3 stay 16x their value) and the
+# subtraction removes 1024: 1.25 instructions a value over the four quarters.
+_PTX_INT4_WORDS_TO_FP16 = """{{
+.reg .b32 t, mask, magic;
+mov.b32 mask, {mask};
+mov.b32 magic, 0x64006400;
+{move}
+lop3.b32 t, t, mask, magic, 0xEA;
+sub.f16x2 $0, t, magic;
+}}"""
+PTX_INT4_WORDS_TO_FP16 = tuple(
+    _PTX_INT4_WORDS_TO_FP16.format(mask="0x00F000F0" if e % 2 else "0x000F000F",
+                                   move="prmt.b32 t, $1, $1, 0x3311;" if e >= 2 else "mov.b32 t, $1;")
+    for e in range(4)
+)
 
 
-def _bytes_to_fp16(x: jax.Array, ptx: str) -> jax.Array:
-    return plt.elementwise_inline_asm(
-        ptx, args=[x], constraints="=r,=r,r", pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float16)]
-    )[0]
+def _words_to_fp16(words: jax.Array, ptx: tuple[str, ...], constraints: str) -> list[jax.Array]:
+    return [plt.elementwise_inline_asm(asm, args=[words], constraints=constraints, pack=2,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.float16)])[0]
+            for asm in ptx]
 
 
 def _int8_words_to_fp16(words: jax.Array, interpret: bool) -> list[jax.Array]:
@@ -181,17 +187,15 @@ def _int8_words_to_fp16(words: jax.Array, interpret: bool) -> list[jax.Array]:
     if interpret:
         return [lax.bitcast_convert_type(((words >> (8 * c)) & 0xFF).astype(jnp.uint8), jnp.int8).astype(jnp.float16)
                 for c in range(4)]
-    return [plt.elementwise_inline_asm(ptx, args=[words], constraints="=r,r,r", pack=2,
-                                       result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.float16)])[0]
-            for ptx in PTX_INT8_WORDS_TO_FP16]
+    return _words_to_fp16(words, PTX_INT8_WORDS_TO_FP16, "=r,r,r")
 
 
-def _unpack_int4(packed: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
-    """packed uint8 [Ts, C] -> (low nibbles n, high nibbles times 16), fp16, exact
-    (0..15 and 0..240): masking the high nibble in place avoids the byte-wise shift."""
+def _int4_words_to_fp16(words: jax.Array, interpret: bool) -> list[jax.Array]:
+    """uint16 words [Ts, C] -> the four quarters' nibbles, fp16 [Ts, C] each, exact:
+    n for quarters 0 and 2, 16 n for quarters 1 and 3 (masked in place, no shift)."""
     if interpret:
-        return (packed & 0x0F).astype(jnp.float16), (packed & 0xF0).astype(jnp.float16)
-    return _bytes_to_fp16(packed, PTX_INT4_LOW_TO_FP16), _bytes_to_fp16(packed, PTX_INT4_HIGH_TO_FP16)
+        return [((words >> (8 * (e // 2))) & (0xF0 if e % 2 else 0x0F)).astype(jnp.float16) for e in range(4)]
+    return _words_to_fp16(words, PTX_INT4_WORDS_TO_FP16, "=r,r")
 
 
 def _flash_decode_kernel(
@@ -213,9 +217,9 @@ def _flash_decode_kernel(
     o_ref, m_ref, l_ref = refs[n_k + n_v :]
     split = pl.program_id(2)  # read at the top level (interpret mode needs it here)
     gp, d = q_ref.shape
-    half = d // 2
+    quarter = d // 4  # Q
     dt = q_ref.dtype  # dense K/V tiles are cast to q's dtype (bf16/fp16) for their dots
-    qdt = jnp.float16  # dots against quantized K or V (see _PTX_BYTES_TO_FP16)
+    qdt = jnp.float16  # dots against quantized K or V (see the PTX conversions above)
     f32 = jnp.float32
     score_scale = sm_scale * _LOG2E  # scores in log2 units: the softmax uses exp2
 
@@ -239,10 +243,13 @@ def _flash_decode_kernel(
         slots = t0 + jnp.arange(block_s)  # [Ts]
         return pl.ds(t0, block_s), (slots >= lo) & (slots < hi)  # rows, visible [Ts]
 
-    def int4_layout(refs_):  # (group, chunk C, chunks per half, N)
-        group = 2 * refs_[0].shape[-1] // refs_[1].shape[-1]
-        chunk = min(group, half)
-        return group, chunk, half // chunk, d // group
+    def int4_layout(refs_):  # (group, chunk C, chunks per quarter, N)
+        group = 4 * refs_[0].shape[-1] // refs_[1].shape[-1]
+        chunk = min(group, quarter)
+        return group, chunk, quarter // chunk, d // group
+
+    def int4_parts(chunks: int, chunk: int):  # (quarter e, chunk c, first channel) of every dot
+        return [(e, c, e * quarter + c * chunk) for c in range(chunks) for e in range(4)]
 
     # ---- Per-token scales (and int4 zero points), f32 [Ts] each: loaded one block ahead
     # (carried through the loop) so their latency hides behind the current block.
@@ -268,17 +275,13 @@ def _flash_decode_kernel(
     # ---- K side: scores [Gp, Ts] f32, in log2 units.
     if k_kind == "int4":
         k_group, k_chunk, k_chunks, k_n = int4_layout(k_refs)
-        # The low nibbles of packed columns [c*C, (c+1)*C) are channels c*C.., the high
-        # nibbles channels D/2 + c*C..; channel col is in group col // group.
-        q_lo = [load_q(pl.ds(c * k_chunk, k_chunk)).astype(qdt) for c in range(k_chunks)]  # [Gp, C] each
-        q_hi = [load_q(pl.ds(half + c * k_chunk, k_chunk)).astype(qdt) for c in range(k_chunks)]
+        # Word column c*C.. of quarter e holds channels e*Q + c*C..; channel col is in group col // group.
+        q_parts = {(e, c): load_q(pl.ds(col, k_chunk)).astype(qdt) for e, c, col in int4_parts(k_chunks, k_chunk)}
         q_sum = [jnp.zeros((gp,), f32) for _ in range(k_n)]  # sum(q) per group, for the zero points
-        for c in range(k_chunks):
-            q_sum[c * k_chunk // k_group] += jnp.sum(q_lo[c].astype(f32), axis=1)
-            q_sum[(half + c * k_chunk) // k_group] += jnp.sum(q_hi[c].astype(f32), axis=1)
+        for e, c, col in int4_parts(k_chunks, k_chunk):
+            q_sum[col // k_group] += jnp.sum(q_parts[e, c].astype(f32), axis=1)
         q_sum = [x * score_scale for x in q_sum]  # [Gp] each
     elif k_kind == "int8":
-        quarter = d // 4
         q_quarters = [load_q(pl.ds(c * quarter, quarter)).astype(qdt) for c in range(4)]  # [Gp, Q] each
     else:
         q = load_q(slice(None)).astype(dt)  # [Gp, D]
@@ -292,16 +295,14 @@ def _flash_decode_kernel(
             k = _int8_words_to_fp16(plt.load(k_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, Q] x 4
             dots = [jnp.dot(q_c, k_c.T, preferred_element_type=f32) for q_c, k_c in zip(q_quarters, k)]  # [Gp, Ts]
             return (dots[0] + dots[1] + dots[2] + dots[3]) * k_sc[0][None, :]
-        # Per group: q . nibbles over its low-half channels, and q . (16 * nibbles) over
-        # its high-half ones (see _unpack_int4), [Gp, Ts] f32 each.
+        # Per group: q . nibbles over its quarters 0 and 2, and q . (16 * nibbles) over its
+        # quarters 1 and 3 (see _int4_words_to_fp16), [Gp, Ts] f32 each.
         dots_lo, dots_hi = [None] * k_n, [None] * k_n
         for c in range(k_chunks):
-            packed = plt.load(k_refs[0].at[rows, pl.ds(c * k_chunk, k_chunk)], mask=vis2, other=0)  # [Ts, C] u8
-            n_lo, n_hi16 = _unpack_int4(packed, interpret)  # [Ts, C] each
-            for dots, n, part in (
-                (dots_lo, c * k_chunk // k_group, jnp.dot(q_lo[c], n_lo.T, preferred_element_type=f32)),
-                (dots_hi, (half + c * k_chunk) // k_group, jnp.dot(q_hi[c], n_hi16.T, preferred_element_type=f32)),
-            ):
+            words = plt.load(k_refs[0].at[rows, pl.ds(c * k_chunk, k_chunk)], mask=vis2, other=0)  # [Ts, C] u16
+            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret)):  # [Ts, C]
+                dots, n = (dots_hi if e % 2 else dots_lo), (e * quarter + c * k_chunk) // k_group
+                part = jnp.dot(q_parts[e, c], n_e.T, preferred_element_type=f32)
                 dots[n] = part if dots[n] is None else dots[n] + part
         s = None
         for n in range(k_n):
@@ -317,12 +318,12 @@ def _flash_decode_kernel(
     # ---- V side: unnormalized f32 accumulators and their update.
     if v_kind == "int4":
         v_group, v_chunk, v_chunks, v_n = int4_layout(v_refs)
-        # Low-half chunks [Gp, C] x v_chunks, high-half chunks likewise, then sum(p * zero_n) [Gp] x N.
-        acc0 = tuple(jnp.zeros((gp, v_chunk), f32) for _ in range(2 * v_chunks)) + tuple(
+        # [Gp, C] per (quarter, chunk) (int4_parts order), then sum(p * zero_n) [Gp] per group.
+        acc0 = tuple(jnp.zeros((gp, v_chunk), f32) for _ in range(4 * v_chunks)) + tuple(
             jnp.zeros((gp,), f32) for _ in range(v_n)
         )
     elif v_kind == "int8":
-        acc0 = tuple(jnp.zeros((gp, d // 4), f32) for _ in range(4))  # [Gp, Q] per quarter
+        acc0 = tuple(jnp.zeros((gp, quarter), f32) for _ in range(4))  # [Gp, Q] per quarter
     else:
         acc0 = (jnp.zeros((gp, d), f32),)  # [Gp, D]
 
@@ -335,18 +336,17 @@ def _flash_decode_kernel(
             v = _int8_words_to_fp16(plt.load(v_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, Q] x 4
             p_scaled = (p * v_sc[0][None, :]).astype(qdt)  # [Gp, Ts]: the V scale on the probabilities
             return tuple(a + jnp.dot(p_scaled, v_c, preferred_element_type=f32) for a, v_c in zip(acc, v))
-        p_scaled, z_acc = [], list(acc[2 * v_chunks :])
+        p_scaled, z_acc = [], list(acc[4 * v_chunks :])
         for n in range(v_n):
             scale, zero = v_sc[2 * n], v_sc[2 * n + 1]  # [Ts]
             p_scaled.append((p * scale[None, :]).astype(qdt))  # [Gp, Ts]
             z_acc[n] = z_acc[n] + jnp.sum(p * zero[None, :], axis=1)  # [Gp]
-        out = list(acc[: 2 * v_chunks])
+        out = list(acc[: 4 * v_chunks])
         for c in range(v_chunks):
-            packed = plt.load(v_refs[0].at[rows, pl.ds(c * v_chunk, v_chunk)], mask=vis2, other=0)  # [Ts, C] u8
-            n_lo, n_hi16 = _unpack_int4(packed, interpret)  # [Ts, C] each
-            out[c] += jnp.dot(p_scaled[c * v_chunk // v_group], n_lo, preferred_element_type=f32)  # [Gp, C]
-            # High half: 16 x the values; the 1/16 is applied once, after the loop.
-            out[v_chunks + c] += jnp.dot(p_scaled[(half + c * v_chunk) // v_group], n_hi16, preferred_element_type=f32)
+            words = plt.load(v_refs[0].at[rows, pl.ds(c * v_chunk, v_chunk)], mask=vis2, other=0)  # [Ts, C] u16
+            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret)):  # [Ts, C]; 16 x for odd e
+                i = 4 * c + e  # int4_parts order; the 1/16 of odd quarters is applied once, after the loop
+                out[i] += jnp.dot(p_scaled[(e * quarter + c * v_chunk) // v_group], n_e, preferred_element_type=f32)
         return tuple(out) + tuple(z_acc)
 
     def body(i, carry):
@@ -373,13 +373,13 @@ def _flash_decode_kernel(
             plt.store(ref.at[:, cols], x, mask=row_mask)
 
     if v_kind == "int4":
-        for c in range(v_chunks):
-            for col, a in ((c * v_chunk, acc[c]), (half + c * v_chunk, acc[v_chunks + c] * 0.0625)):
-                z = acc[2 * v_chunks + col // v_group]  # [Gp]: sum(p * zero) of this chunk's group
-                store(o_ref, pl.ds(col, v_chunk), a + z[:, None])  # [Gp, C]
+        for i, (e, _, col) in enumerate(int4_parts(v_chunks, v_chunk)):
+            a = acc[i] * 0.0625 if e % 2 else acc[i]
+            z = acc[4 * v_chunks + col // v_group]  # [Gp]: sum(p * zero) of this chunk's group
+            store(o_ref, pl.ds(col, v_chunk), a + z[:, None])  # [Gp, C]
     elif v_kind == "int8":
         for c in range(4):
-            store(o_ref, pl.ds(c * (d // 4), d // 4), acc[c])  # [Gp, Q]
+            store(o_ref, pl.ds(c * quarter, quarter), acc[c])  # [Gp, Q]
     else:
         store(o_ref, slice(None), acc[0])  # [Gp, D]
     vec_mask = None if row_mask is None else row_mask[:, 0]
@@ -414,8 +414,8 @@ def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str
     for name, store, kind in (("k", k, k_kind), ("v", v, v_kind)):
         data = _store_arrays(store)[0]
         if data.ndim != 4:
-            raise ValueError(f"{name} store data must be [B, S, K, D, D/2 or D/4], got {data.shape=}")
-        width = data.shape[-1] * {"dense": 1, "int4": 2, "int8": 4}[kind]
+            raise ValueError(f"{name} store data must be [B, S, K, D or D/4], got {data.shape=}")
+        width = data.shape[-1] * {"dense": 1, "int4": 4, "int8": 4}[kind]
         shapes[name] = (*data.shape[:3], width)
         if kind == "dense" and data.dtype not in Q_DTYPES:
             raise ValueError(f"dense {name} must be bfloat16 or float16, got {data.dtype=}")
@@ -423,7 +423,8 @@ def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str
             raise ValueError(f"{name}: int8 needs head_dim >= 64 (quarters of >= 16 channels), got {width}")
         if kind == "int4":
             n, group = store.scale.shape[-1], store.group
-            if n * group != width or not (group == width or (width // 2) % group == 0) or min(group, width // 2) < 16:
+            quarter = width // 4
+            if n * group != width or not (quarter % group == 0 or group % quarter == 0) or min(group, quarter) < 16:
                 raise ValueError(f"{name}: int4 group {group} ({n} groups) unsupported for head_dim {width}")
     if shapes["k"] != shapes["v"]:
         raise ValueError(f"k and v stores hold different shapes: {shapes['k']=} vs {shapes['v']=}")
@@ -473,7 +474,7 @@ def flash_decode(
 
     Args:
       q: [B, H, D] bf16/fp16, RoPE applied.
-      k, v: kv_cache stores (Dense bf16/fp16, Int8, Int4), data [B, S, K, D, D/4 or D/2];
+      k, v: kv_cache stores (Dense bf16/fp16, Int8, Int4), data [B, S, K, D or D/4];
         slot s holds position s. K and V may be in different formats.
       q_positions: [B] int32; the query at p sees slots s <= p (and s > p -
         sliding_window); -1 marks a padding row (finite output, value unused).
@@ -566,7 +567,7 @@ def _random_store(key, side: str, shape: tuple[int, ...], group: int) -> Store:
         )
     n = d // group
     return Int4(
-        jax.random.bits(k1, (*lead, d // 2), jnp.uint8),
+        jax.random.bits(k1, (*lead, d // 4), jnp.uint16),
         jax.random.uniform(k2, (*lead, n), kv_cache.SCALE_DTYPE, 0.01, 0.2),
         jax.random.uniform(k3, (*lead, n), kv_cache.SCALE_DTYPE, -1.5, -0.5),
     )

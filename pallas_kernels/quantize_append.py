@@ -29,13 +29,14 @@ sequence); it loads a [block_t, heads, D] tile (all heads by default, so the til
 contiguous stretch of x and of the cache) and, for a fused K+V call, does the same for
 V. Triton has no scalar prefetch, so start/count arrive as int32 arrays and x and the
 cache buffers are whole-array (untiled) refs addressed at dynamic `pl.ds` offsets under
-a row mask (the last token block may run past T; rows past S are dropped). int4 loads
-the two halves of head_dim (the two nibbles of a byte) chunk by chunk, one statistics
-group per chunk, so nothing is reshaped or sliced in registers.
+a row mask (the last token block may run past T; rows past S are dropped). int8 and
+int4 load the four quarters of head_dim (the four values of a word) separately, int4
+chunk by chunk with one statistics group per chunk (or per span of quarters, for a group
+wider than a quarter), so nothing is reshaped or sliced in registers.
 
-Dimensions: B batch, T new tokens, S cache slots, K KV heads, D head_dim, W = D / 4 (int8
-word j holds channels j + c * W in byte c), H = D / 2 (int4 byte j holds channels j and j + H), N = D / group int4 groups per token and head,
-C = min(group, H) channels per statistics chunk, G = H / C chunks per half, R = block_t,
+Dimensions: B batch, T new tokens, S cache slots, K KV heads, D head_dim, W = D / 4 (word
+j holds channels j + e * W: byte e of an int8 word, nibble e of an int4 one), N = D / group
+int4 groups per token and head, C = min(group, W) channels per statistics chunk, R = block_t,
 KH = heads per program.
 """
 
@@ -121,25 +122,28 @@ def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t:
         put_stat(scale_out, scale)
     else:
         q_out, scale_out, zero_out = outs
-        h = d // 2
-        c = min(group, h)
-        n_chunks = h // c
-        for g in range(n_chunks):
-            halves = load(g * c, c), load(h + g * c, c)  # [R, KH, C]: channels j and j + H
-            stats = [(jnp.min(v, axis=2), jnp.max(v, axis=2)) for v in halves]  # [R, KH] each
-            if group > h:  # one group spans both halves (group == D)
-                both = (jnp.minimum(stats[0][0], stats[1][0]), jnp.maximum(stats[0][1], stats[1][1]))
-                stats = [both, both]
-            nibbles = []
-            for j, (v, (mn, mx)) in enumerate(zip(halves, stats)):
+        w = d // 4
+        c = min(group, w)  # channels per chunk: one group, or one quarter of a larger group
+        for j in range(w // c):  # word columns [j*C, (j+1)*C): nibble e holds channels e*W + j*C..
+            quarters = [load(e * w + j * c, c) for e in range(4)]  # [R, KH, C] each
+            stats = [(jnp.min(v, axis=2), jnp.max(v, axis=2)) for v in quarters]  # [R, KH] each
+            span = max(1, group // w)  # quarters per group (a group wider than a quarter)
+            for e0 in range(0, 4, span):  # the quarters of one group share its statistics
+                both = functools.reduce(lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])),
+                                        stats[e0:e0 + span])
+                stats[e0:e0 + span] = [both] * span
+            words = None
+            for e, (v, (mn, mx)) in enumerate(zip(quarters, stats)):
                 zero = mn.astype(SCALE_DTYPE)  # [R, KH]
                 scale = ((mx - mn) * INV15).astype(SCALE_DTYPE)
-                if j == 0 or group <= h:  # a group shared by both halves is stored once
-                    put_stat(zero_out, zero, j * n_chunks + g)
-                    put_stat(scale_out, scale, j * n_chunks + g)
+                n = (e * w + j * c) // group
+                if (e * w + j * c) % group == 0:  # the group's first chunk stores its statistics
+                    put_stat(zero_out, zero, n)
+                    put_stat(scale_out, scale, n)
                 y = (v - fp16_to_f32(zero)[:, :, None]) * reciprocal_fp16(scale)[:, :, None]
-                nibbles.append(_rint(jnp.clip(y, 0.0, 15.0)))  # [R, KH, C] int32 in [0, 15]
-            put(q_out, g * c, c, nibbles[0] | (nibbles[1] << 4))  # -> uint8
+                nibble = _rint(jnp.clip(y, 0.0, 15.0)) << (4 * e)  # [R, KH, C] int32
+                words = nibble if words is None else words | nibble
+            put(q_out, j * c, c, words)  # -> uint16
 
 
 def _kernel(start_ref, count_ref, *refs, parts, block_t: int, heads: int):
@@ -147,7 +151,7 @@ def _kernel(start_ref, count_ref, *refs, parts, block_t: int, heads: int):
     # refs: x of each part [B, T, K, D] (whole arrays), every part's store buffers as
     #   inputs (aliased, unused), then the same buffers as outputs:
     #   dense: x [B, S, K, D];  int8: q [B, S, K, W] uint32, scale [B, S, K] fp16;
-    #   int4: q [B, S, K, H] uint8, scale [B, S, K, N] fp16, zero [B, S, K, N] fp16
+    #   int4: q [B, S, K, W] uint16, scale [B, S, K, N] fp16, zero [B, S, K, N] fp16
     # parts: ((fmt, group, number of buffers), ...), one per store (K, or K and V)
     xs = refs[:len(parts)]
     outs = refs[len(parts) + sum(p[2] for p in parts):]
@@ -188,12 +192,12 @@ def _check(store, x, start, count):
         raise ValueError(f"x must be [B, T, K, D], got {x.shape=}")
     b, t, k, d = x.shape
     sb, _, sk = leaves[0].shape[:3]
-    sd = leaves[0].shape[3] * {"dense": 1, "int4": 2, "int8": 4}[fmt]
+    sd = leaves[0].shape[3] * {"dense": 1, "int4": 4, "int8": 4}[fmt]
     if (sb, sk, sd) != (b, k, d):
         raise ValueError(f"{x.shape=} does not match the store's [B, S, K, D] = {(sb, leaves[0].shape[1], sk, sd)}")
     if start.shape != (b,) or count.shape != (b,):
         raise ValueError(f"start and count must be [B] = [{b}], got {start.shape=} {count.shape=}")
-    if not _pow2(d) or (fmt == "int4" and d < 2) or (fmt == "int8" and d < 4):  # int4: halves; int8: quarters
+    if not _pow2(d) or (fmt in ("int4", "int8") and d < 4):  # quantized: four quarters
         raise ValueError(f"head_dim {d=} must be a power of 2 for the Triton lowering")
     if fmt == "int4" and not _pow2(store.group):
         raise ValueError(f"int4 group {store.group=} must be a power of 2")

@@ -284,18 +284,17 @@ def _fp16x2(*words: int) -> np.ndarray:
     return np.array(words, np.uint32).view(np.float16)
 
 
-@pytest.mark.parametrize(
-    "asm, want",
-    [(fd.PTX_INT4_LOW_TO_FP16, lambda b: b & 0x0F), (fd.PTX_INT4_HIGH_TO_FP16, lambda b: b & 0xF0)],
-    ids=["int4-low", "int4-high-x16"],
-)
-def test_ptx_nibble_conversions_exact(asm, want):
-    """Each byte of a 32-bit word becomes one fp16 of the two output words (element i
-    = byte i, output element order low half first), exactly, for all 256 byte values."""
-    for start in range(0, 256, 4):
-        data = np.arange(start, start + 4, dtype=np.uint8)
-        regs = _emulate_ptx(asm, {"$2": int(data.view(np.uint32)[0])})
-        np.testing.assert_array_equal(_fp16x2(regs["$0"], regs["$1"]), want(data).astype(np.float16))
+def test_ptx_int4_word_conversion_exact():
+    """Quarter e's asm turns nibble e of each of two 16-bit words (packed in one register,
+    the first in the low half) into an fp16x2: n for even e, 16 n for odd e (masked in
+    place), exactly, for every nibble value in every position."""
+    for v in range(16):  # nibble e of the first word is v + e, of the second v + e + 8 (mod 16)
+        a = sum(((v + e) % 16) << (4 * e) for e in range(4))
+        b = sum(((v + e + 8) % 16) << (4 * e) for e in range(4))
+        for e, asm in enumerate(fd.PTX_INT4_WORDS_TO_FP16):
+            got = _fp16x2(_emulate_ptx(asm, {"$1": a | b << 16})["$0"])
+            want = np.array([(v + e) % 16, (v + e + 8) % 16], np.float16) * (16 if e % 2 else 1)
+            np.testing.assert_array_equal(got, want)
 
 
 def test_ptx_int8_word_conversion_exact():

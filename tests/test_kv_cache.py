@@ -46,11 +46,11 @@ def test_int8_words_hold_the_quarters_of_head_dim():
 def test_int4_round_trip_and_packing(group):
     x = jax.random.normal(jax.random.key(1), (2, 5, 3, 32), jnp.float32)
     q, scale, zero = kv_cache.quantize_int4(x, group)
-    assert q.shape == (2, 5, 3, 16) and q.dtype == jnp.uint8 and scale.shape == (2, 5, 3, 32 // group)
+    assert q.shape == (2, 5, 3, 8) and q.dtype == jnp.uint16 and scale.shape == (2, 5, 3, 32 // group)
     nibbles = np.asarray(kv_cache.unpack_int4(q))
     assert nibbles.max() <= 15
-    np.testing.assert_array_equal(nibbles[..., :16], np.asarray(q) & 0xF)  # low nibble: first half
-    np.testing.assert_array_equal(nibbles[..., 16:], np.asarray(q) >> 4)
+    for e in range(4):  # nibble e of word j: channel j + e * D/4
+        np.testing.assert_array_equal(nibbles[..., 8 * e:8 * (e + 1)], (np.asarray(q) >> (4 * e)) & 0xF)
     err = jnp.abs(kv_cache.dequantize_int4(q, scale, zero, jnp.float32) - x)
     step = jnp.repeat(scale.astype(jnp.float32), group, axis=-1)
     zero_err = jnp.repeat(jnp.abs(zero.astype(jnp.float32) - x.reshape(2, 5, 3, -1, group).min(-1)), group, -1)
