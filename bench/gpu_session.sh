@@ -3,11 +3,13 @@
 # device command (run them back to back: the machine is handed back after 30 s idle,
 # and the XLA compilation cache in /tmp/jcc only lives while it is held).
 #
-#   bash bench/gpu_session.sh a    decode + append kernel tests compiled, decode sweep, append sweep (exactness)
+#   bash bench/gpu_session.sh a    decode + append kernel tests compiled, decode sweep at the shipped defaults
+#                                  (with XLA's reference; prints busy time), append sweep (exactness)
 #   bash bench/gpu_session.sh b    speculative prompt lookup on SmolLM2 (needs the GGUF, see below)
 #   bash bench/gpu_session.sh c    kv_quant end to end (8B, batch 8, 32k) + end-to-end prefill at 16k
 #   bash bench/gpu_session.sh d    speculative draft-model cost model (8B / 1B shapes)
 #   bash bench/gpu_session.sh e    bf16 decode splits at batch 1, prefill attention at 4k, 16k, 64k
+#   bash bench/gpu_session.sh f    int8/int4 decode tuning at 128k (block size, stages), batch 1 and 8
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -28,11 +30,17 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/card.txt"
 case "${1:-}" in
   a)
     step 150 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py tests/test_quantize_append.py
-    step 110 fd_bf16 python3 -m pallas_kernels.flash_decode --formats bf16 --samples 15
-    step 200 fd_quant python3 -m pallas_kernels.flash_decode --formats int8,int4 --block-s 64,128 \
-      --samples 15 --no-reference
+    step 200 fd_defaults python3 -m pallas_kernels.flash_decode --formats bf16,int8,int4 --lengths 32768,131072 \
+      --samples 10 --calls 6
     step 110 qa_sweep python3 -m pallas_kernels.quantize_append --budget-s 80 --shapes 1,16384,8,128,32768 \
       2,2048,32,64,4096 --formats int8 int4-g64 bf16 --kv-formats int8
+    ;;
+  f)
+    # int8 and int4 (both read as words) at 128k: block size and stages; about 30 s a row.
+    step 280 fd_quant_b1 python3 -m pallas_kernels.flash_decode --formats int8,int4 --batch 1 --lengths 131072 \
+      --block-s 64,128 --num-stages 2,3 --samples 10 --calls 6 --no-reference
+    step 280 fd_quant_b8 python3 -m pallas_kernels.flash_decode --formats int8,int4 --batch 8 --lengths 131072 \
+      --block-s 64,128 --num-stages 2,3 --samples 10 --calls 4 --no-reference
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \
