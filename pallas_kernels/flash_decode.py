@@ -83,6 +83,7 @@ class Config:
     num_splits: int
     num_warps: int
     num_stages: int
+    scales_ahead: int  # 1: quantized scales load a block ahead (loop-carried); 0: in their block
 
 
 def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int) -> int:
@@ -100,7 +101,10 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
     spills for int4-g32 and, with 3 stages, exceeds the shared memory for bf16. int8 on
     both sides takes 64-slot blocks and 3 stages: at batch 1 and 128k on an H200 that
     measured 88-101 us against 106-118 us for 128 slots and 2 stages (two runs,
-    bench/results/2026-11-27-h200-kv_quant-status.md)."""
+    bench/results/2026-11-27-h200-kv_quant-status.md). Scales load a block ahead, as
+    measured with byte-packed data; with words, loading them in their own block compiles
+    the int8 loop (offline SASS, block 128, 2 stages) to 896 instructions and 126
+    registers against 1,368 and 160, which the next GPU sweep weighs (`--scales-ahead`)."""
     int8 = k_kind == v_kind == "int8"
     block_s = min(64 if int8 else 128, max(16, _pow2_ceil(max_len)))
     return Config(
@@ -108,13 +112,14 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
         num_splits=default_num_splits(batch, kv_heads, max_len, block_s),
         num_warps=4,
         num_stages=3 if int8 else 2,
+        scales_ahead=1,
     )
 
 
 def resolve_config(
     k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len: int,
     block_s: int | None = None, num_splits: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, scales_ahead: int | None = None,
 ) -> Config:
     """The knobs given, the defaults for the rest (num_splits follows the block size)."""
     cfg = default_config(k_kind, v_kind, batch, kv_heads, max_len)
@@ -126,6 +131,7 @@ def resolve_config(
         num_splits=num_splits or default_num_splits(batch, kv_heads, max_len, block_s),
         num_warps=num_warps or cfg.num_warps,
         num_stages=num_stages or cfg.num_stages,
+        scales_ahead=cfg.scales_ahead if scales_ahead is None else int(bool(scales_ahead)),
     )
 
 
@@ -210,6 +216,7 @@ def _flash_decode_kernel(
     num_splits: int,  # P
     sliding_window: int | None,
     sm_scale: float,
+    scales_ahead: bool,
     interpret: bool,
 ):
     n_k, n_v = _NUM_ARRAYS[k_kind], _NUM_ARRAYS[v_kind]
@@ -251,8 +258,9 @@ def _flash_decode_kernel(
     def int4_parts(chunks: int, chunk: int):  # (quarter e, chunk c, first channel) of every dot
         return [(e, c, e * quarter + c * chunk) for c in range(chunks) for e in range(4)]
 
-    # ---- Per-token scales (and int4 zero points), f32 [Ts] each: loaded one block ahead
-    # (carried through the loop) so their latency hides behind the current block.
+    # ---- Per-token scales (and int4 zero points), f32 [Ts] each: with `scales_ahead`,
+    # loaded one block ahead (carried through the loop) so their latency hides behind the
+    # current block; otherwise in their block, left to Triton's pipelining.
     def load_scales(t0):
         rows, visible = block_rows(t0)
 
@@ -350,9 +358,13 @@ def _flash_decode_kernel(
         return tuple(out) + tuple(z_acc)
 
     def body(i, carry):
-        m_prev, l_prev, acc, (k_sc, v_sc) = carry  # [Gp], [Gp], accumulators, this block's scales
+        m_prev, l_prev, acc, scales = carry  # [Gp], [Gp], accumulators, this block's scales (or ())
         t0 = (start_block + i) * block_s
-        next_scales = load_scales(t0 + block_s)  # masked past the visible range: no read there
+        if scales_ahead:
+            k_sc, v_sc = scales
+            next_scales = load_scales(t0 + block_s)  # masked past the visible range: no read there
+        else:
+            (k_sc, v_sc), next_scales = load_scales(t0), ()
         rows, visible = block_rows(t0)  # every walked block has a visible slot
         s = jnp.where(visible[None, :], k_scores(rows, visible, k_sc), _MASKED)  # [Gp, Ts]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))  # [Gp]
@@ -364,7 +376,8 @@ def _flash_decode_kernel(
 
     m0 = jnp.full((gp,), _MASKED, f32)
     l0 = jnp.zeros((gp,), f32)
-    m, l, acc, _ = lax.fori_loop(0, count, body, (m0, l0, acc0, load_scales(start_block * block_s)))
+    scales0 = load_scales(start_block * block_s) if scales_ahead else ()
+    m, l, acc, _ = lax.fori_loop(0, count, body, (m0, l0, acc0, scales0))
 
     def store(ref, cols, x):
         if row_mask is None:
@@ -455,7 +468,8 @@ def supports(q: jax.Array, k: Store, v: Store) -> bool:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sliding_window", "block_s", "num_splits", "num_warps", "num_stages", "interpret"),
+    static_argnames=("sliding_window", "block_s", "num_splits", "num_warps", "num_stages", "scales_ahead",
+                     "interpret"),
 )
 def flash_decode(
     q: jax.Array,
@@ -468,6 +482,7 @@ def flash_decode(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    scales_ahead: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of one query token per sequence over its KV cache.
@@ -479,7 +494,7 @@ def flash_decode(
       q_positions: [B] int32; the query at p sees slots s <= p (and s > p -
         sliding_window); -1 marks a padding row (finite output, value unused).
       sliding_window: None (all) or the window length.
-      block_s, num_splits, num_warps, num_stages: tuning knobs; None picks
+      block_s, num_splits, num_warps, num_stages, scales_ahead: tuning knobs; None picks
         `default_config` (num_splits from B, K and S to fill 132 SMs).
       interpret: run the kernel in Pallas interpret mode (CPU tests).
     Returns:
@@ -490,7 +505,7 @@ def flash_decode(
     _, s, kv_heads, _ = _store_arrays(k)[0].shape
     g = h // kv_heads
     gp = max(16, _pow2_ceil(g))
-    cfg = resolve_config(k_kind, v_kind, b, kv_heads, s, block_s, num_splits, num_warps, num_stages)
+    cfg = resolve_config(k_kind, v_kind, b, kv_heads, s, block_s, num_splits, num_warps, num_stages, scales_ahead)
 
     def cache_spec(x):
         # The whole cache row of one (sequence, KV head); the kernel slices its blocks.
@@ -509,6 +524,7 @@ def flash_decode(
         num_splits=cfg.num_splits,
         sliding_window=sliding_window,
         sm_scale=d**-0.5,
+        scales_ahead=bool(cfg.scales_ahead),
         interpret=interpret,
     )
     o, m, l = pl.pallas_call(
@@ -637,6 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-splits", help=knob_help)
     parser.add_argument("--num-warps", help=knob_help)
     parser.add_argument("--num-stages", help=knob_help)
+    parser.add_argument("--scales-ahead", help=knob_help + " (1 or 0)")
     parser.add_argument("--samples", type=int, default=30, help="timed runs; the median is reported")
     parser.add_argument("--calls", type=int, default=16, help="kernel calls per timed run (at least enough "
                         "cache copies to cycle through 256 MiB, so repeats do not hit L2)")
@@ -652,8 +669,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ceiling     {'torch copy_' if torch_bw else 'jax copy (x + 1)'} of a 1 GiB buffer, read + write: "
           f"{copy_bw / 1e9:.0f} GB/s on {card}")
     h, kv_heads, d = args.heads, args.kv_heads, args.head_dim
-    knob_sets = list(itertools.product(*map(_ints, (args.block_s, args.num_splits, args.num_warps, args.num_stages))))
-    headers = ["B", "L", "format", "block_s", "splits", "warps", "stages", "us", "GB/s", "% copy", "loop us",
+    knob_sets = list(itertools.product(*map(_ints, (args.block_s, args.num_splits, args.num_warps, args.num_stages,
+                                                      args.scales_ahead))))
+    headers = ["B", "L", "format", "block_s", "splits", "warps", "stages", "ahead", "us", "GB/s", "% copy", "loop us",
                "loop % copy", "busy us", "busy % copy", "XLA us", "XLA GB/s", "x XLA", "max|err| vs XLA"]
     rows, best = [], {}
     key = jax.random.key(0)
@@ -693,6 +711,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             err = "-" if expected is None else f"{float(jnp.max(jnp.abs(got - expected))):.1e}"
             rows.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
+                         cfg.scales_ahead,
                          f"{t * 1e6:.1f}", f"{nbytes / t / 1e9:.0f}", f"{100 * nbytes / t / copy_bw:.0f}",
                          f"{t_loop * 1e6:.1f}", f"{100 * nbytes / t_loop / copy_bw:.0f}",
                          "-" if busy is None else f"{busy * 1e6:.1f}",
@@ -719,9 +738,10 @@ def main(argv: list[str] | None = None) -> None:
         for (b, length, fmt_name), (t, cfg) in best.items():
             base = best.get((b, length, "bf16"))
             summary.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
+                            cfg.scales_ahead,
                             f"{t * 1e6:.1f}", f"{100 * _cache_bytes(b, length, fmt_name, kv_heads, d) / t / copy_bw:.0f}",
                             "-" if base is None else f"{base[0] / t:.2f}"])
-        print(common.format_table(["B", "L", "format", "block_s", "splits", "warps", "stages", "us", "% copy",
+        print(common.format_table(["B", "L", "format", "block_s", "splits", "warps", "stages", "ahead", "us", "% copy",
                                    "x bf16"], summary))
 
 

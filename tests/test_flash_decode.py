@@ -164,6 +164,20 @@ def test_combine_splits_empty_and_padding():
     assert np.all(np.asarray(empty) == 0)
 
 
+@pytest.mark.parametrize("kv_format", ["int8", "int4-g32", "k8v4-g64"])
+def test_scales_in_their_block_equal_scales_ahead(kv_format):
+    """The `scales_ahead` knob only moves the scale loads: the same outputs up to one bf16
+    rounding (XLA may sum in another order; interpret mode), and both settings lower."""
+    b, s, kv_heads, h, d = 2, 200, 2, 8, 128
+    k, v = make_stores(kv_format, *random_kv((b, s, kv_heads, d), 7))
+    q = jnp.asarray(np.random.default_rng(8).standard_normal((b, h, d)), jnp.bfloat16)
+    pos = np.array([199, 77], np.int32)
+    ahead, in_block = (np.asarray(fd.flash_decode(q, k, v, pos, block_s=32, num_splits=2, scales_ahead=a,
+                                                  interpret=True).astype(jnp.float32)) for a in (1, 0))
+    np.testing.assert_allclose(in_block, ahead, rtol=2.0**-8, atol=2.0**-16)
+    _assert_lowers(kv_format, 1, 32768, 32, 8, 128, scales_ahead=0)
+
+
 def test_default_num_splits_fill_the_gpu():
     # 1 x 8 programs per split need 66 splits for 4 programs per SM on 132 SMs.
     assert fd.default_num_splits(1, 8, 131072, 128) == 66
