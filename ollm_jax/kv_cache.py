@@ -204,17 +204,27 @@ def reciprocal_fp16(scale: jax.Array) -> jax.Array:
     return jnp.where(s32 == jnp.inf, 0.0, inv)
 
 
+def _pack_quarters(n: jax.Array, bits: int, dtype) -> jax.Array:
+    """Unsigned values of `bits` bits [..., D] -> words of `dtype` [..., D/4]: field e
+    (bits e*bits ..) of word j is channel j + e * D/4, the quarters of head_dim."""
+    *lead, d = n.shape
+    quarters = n.astype(dtype).reshape(*lead, 4, d // 4)
+    return functools.reduce(jnp.bitwise_or, [quarters[..., e, :] << (bits * e) for e in range(4)])
+
+
+def _unpack_quarters(q: jax.Array, bits: int) -> jax.Array:
+    """Words [..., D/4] -> their fields [..., D] in channel order (q's dtype)."""
+    return jnp.concatenate([(q >> (bits * e)) & ((1 << bits) - 1) for e in range(4)], axis=-1)
+
+
 def pack_int8(n: jax.Array) -> jax.Array:
     """int8 [..., D] -> uint32 words [..., D/4]: byte c of word j is channel j + c * D/4."""
-    *lead, d = n.shape
-    quarters = jax.lax.bitcast_convert_type(n, jnp.uint8).astype(jnp.uint32).reshape(*lead, 4, d // 4)
-    return quarters[..., 0, :] | quarters[..., 1, :] << 8 | quarters[..., 2, :] << 16 | quarters[..., 3, :] << 24
+    return _pack_quarters(jax.lax.bitcast_convert_type(n, jnp.uint8), 8, jnp.uint32)
 
 
 def unpack_int8(q: jax.Array) -> jax.Array:
     """uint32 words [..., D/4] -> int8 [..., D] in channel order."""
-    quarters = [(q >> (8 * c)) & 0xFF for c in range(4)]  # [..., D/4] each
-    return jax.lax.bitcast_convert_type(jnp.concatenate(quarters, axis=-1).astype(jnp.uint8), jnp.int8)
+    return jax.lax.bitcast_convert_type(_unpack_quarters(q, 8).astype(jnp.uint8), jnp.int8)
 
 
 def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -232,9 +242,7 @@ def dequantize_int8(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
 def pack_int4(n: jax.Array) -> jax.Array:
     """Nibbles (0..15, any integer dtype) [..., D] -> uint16 words [..., D/4]: nibble e of
     word j is channel j + e * D/4."""
-    *lead, d = n.shape
-    quarters = n.astype(jnp.uint16).reshape(*lead, 4, d // 4)
-    return quarters[..., 0, :] | quarters[..., 1, :] << 4 | quarters[..., 2, :] << 8 | quarters[..., 3, :] << 12
+    return _pack_quarters(n, 4, jnp.uint16)
 
 
 def quantize_int4(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -251,7 +259,7 @@ def quantize_int4(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array, jax.A
 
 def unpack_int4(q: jax.Array) -> jax.Array:
     """q uint16 [..., D/4] -> nibbles uint8 [..., D] in channel order."""
-    return jnp.concatenate([(q >> (4 * e)) & 0xF for e in range(4)], axis=-1).astype(jnp.uint8)
+    return _unpack_quarters(q, 4).astype(jnp.uint8)
 
 
 def dequantize_int4(q: jax.Array, scale: jax.Array, zero: jax.Array, dtype) -> jax.Array:
@@ -267,8 +275,9 @@ def empty_store(kind: str, shape: tuple[int, ...], group: int, dtype=jnp.bfloat1
     """An all-zero store of `kind` for values of `shape` [B, S, K, D]; `dtype` is the
     full-precision dtype (Kivi4's residual)."""
     *lead, d = shape
-    if kind in ("int4", "kivi4") and d % 4:
-        raise ValueError(f"int4 stores pack four channels a 16-bit word: head_dim {d} is not a multiple of 4")
+    if kind in QUANTIZED and d % 4:
+        raise ValueError(f"{kind} stores pack the four quarters of head_dim into words: head_dim {d} is not a "
+                         "multiple of 4")
     if kind == "kivi4":
         b, s, k, _ = shape
         return Kivi4(
@@ -282,14 +291,18 @@ def empty_store(kind: str, shape: tuple[int, ...], group: int, dtype=jnp.bfloat1
     if kind in DENSE_DTYPES:
         return Dense(jnp.zeros(shape, DENSE_DTYPES[kind]))
     if kind == "int8":
-        if d % 4:
-            raise ValueError(f"int8 stores pack four channels a word: head_dim {d} is not a multiple of 4")
         return Int8(jnp.zeros((*lead, d // 4), jnp.uint32), jnp.zeros(lead, SCALE_DTYPE))
     return Int4(
         jnp.zeros((*lead, d // 4), jnp.uint16),
         jnp.zeros((*lead, d // group), SCALE_DTYPE),
         jnp.zeros((*lead, d // group), SCALE_DTYPE),
     )
+
+
+def head_dim(store: Store) -> int:
+    """D of the values a store holds: its data's last axis, times 4 for packed words."""
+    data = jax.tree.leaves(store)[0]  # x, or the packed q
+    return data.shape[-1] * (1 if isinstance(store, Dense) else 4)
 
 
 def encode(store: Store, x: jax.Array) -> Store:

@@ -428,7 +428,7 @@ def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str
         data = _store_arrays(store)[0]
         if data.ndim != 4:
             raise ValueError(f"{name} store data must be [B, S, K, D or D/4], got {data.shape=}")
-        width = data.shape[-1] * {"dense": 1, "int4": 4, "int8": 4}[kind]
+        width = kv_cache.head_dim(store)
         shapes[name] = (*data.shape[:3], width)
         if kind == "dense" and data.dtype not in Q_DTYPES:
             raise ValueError(f"dense {name} must be bfloat16 or float16, got {data.dtype=}")

@@ -51,7 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from ollm_jax.kv_cache import (INV15, INV127, SCALE_DTYPE, Dense, Int4, Int8, LayerCache, fp16_to_f32,
+from ollm_jax.kv_cache import (INV15, INV127, SCALE_DTYPE, Dense, Int4, Int8, LayerCache, fp16_to_f32, head_dim,
                                reciprocal_fp16, write)
 
 _RINT_MAGIC = np.float32(1.5 * 2**23)
@@ -124,25 +124,23 @@ def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t:
         q_out, scale_out, zero_out = outs
         w = d // 4
         c = min(group, w)  # channels per chunk: one group, or one quarter of a larger group
+        span = max(1, group // w)  # quarters per group (a group wider than a quarter spans several)
         for j in range(w // c):  # word columns [j*C, (j+1)*C): nibble e holds channels e*W + j*C..
             quarters = [load(e * w + j * c, c) for e in range(4)]  # [R, KH, C] each
-            stats = [(jnp.min(v, axis=2), jnp.max(v, axis=2)) for v in quarters]  # [R, KH] each
-            span = max(1, group // w)  # quarters per group (a group wider than a quarter)
-            for e0 in range(0, 4, span):  # the quarters of one group share its statistics
-                both = functools.reduce(lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])),
-                                        stats[e0:e0 + span])
-                stats[e0:e0 + span] = [both] * span
             words = None
-            for e, (v, (mn, mx)) in enumerate(zip(quarters, stats)):
-                zero = mn.astype(SCALE_DTYPE)  # [R, KH]
+            for e0 in range(0, 4, span):  # quarters e0 .. e0 + span - 1: one group, one set of statistics
+                members = quarters[e0:e0 + span]
+                mn = functools.reduce(jnp.minimum, [jnp.min(v, axis=2) for v in members])  # [R, KH]
+                mx = functools.reduce(jnp.maximum, [jnp.max(v, axis=2) for v in members])
+                zero = mn.astype(SCALE_DTYPE)
                 scale = ((mx - mn) * INV15).astype(SCALE_DTYPE)
-                n = (e * w + j * c) // group
-                if (e * w + j * c) % group == 0:  # the group's first chunk stores its statistics
-                    put_stat(zero_out, zero, n)
-                    put_stat(scale_out, scale, n)
-                y = (v - fp16_to_f32(zero)[:, :, None]) * reciprocal_fp16(scale)[:, :, None]
-                nibble = _rint(jnp.clip(y, 0.0, 15.0)) << (4 * e)  # [R, KH, C] int32
-                words = nibble if words is None else words | nibble
+                n = (e0 * w + j * c) // group
+                put_stat(zero_out, zero, n)
+                put_stat(scale_out, scale, n)
+                zero32, inv = fp16_to_f32(zero)[:, :, None], reciprocal_fp16(scale)[:, :, None]
+                for e, v in enumerate(members, start=e0):
+                    nibble = _rint(jnp.clip((v - zero32) * inv, 0.0, 15.0)) << (4 * e)  # [R, KH, C] int32
+                    words = nibble if words is None else words | nibble
             put(q_out, j * c, c, words)  # -> uint16
 
 
@@ -192,7 +190,7 @@ def _check(store, x, start, count):
         raise ValueError(f"x must be [B, T, K, D], got {x.shape=}")
     b, t, k, d = x.shape
     sb, _, sk = leaves[0].shape[:3]
-    sd = leaves[0].shape[3] * {"dense": 1, "int4": 4, "int8": 4}[fmt]
+    sd = head_dim(store)
     if (sb, sk, sd) != (b, k, d):
         raise ValueError(f"{x.shape=} does not match the store's [B, S, K, D] = {(sb, leaves[0].shape[1], sk, sd)}")
     if start.shape != (b,) or count.shape != (b,):
