@@ -9,7 +9,7 @@
 #   bash bench/gpu_session.sh c    kv_quant end to end (8B, batch 8, 32k) + end-to-end prefill at 16k
 #   bash bench/gpu_session.sh d    speculative draft-model cost model (8B / 1B shapes)
 #   bash bench/gpu_session.sh e    bf16 decode splits at batch 1, prefill attention at 4k, 16k, 64k
-#   bash bench/gpu_session.sh f    int8/int4 decode tuning at 128k (scale loads, block size), batch 1 and 8
+#   bash bench/gpu_session.sh f    bf16 beside int8/int4 decode tuning at 128k (scale loads, block size), batch 1 and 8
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -36,12 +36,14 @@ case "${1:-}" in
       2,2048,32,64,4096 --formats int8 int4-g64 bf16 --kv-formats int8
     ;;
   f)
-    # int8 and int4 (both read as words) at 128k: scales in their block or a block ahead,
-    # block size and stages; about 30 s a row.
-    step 290 fd_quant_b1 python3 -m pallas_kernels.flash_decode --formats int8,int4 --batch 1 --lengths 131072 \
-      --scales-ahead 0,1 --block-s 64,128 --num-stages 3 --samples 10 --calls 6 --no-reference
-    step 290 fd_quant_b8 python3 -m pallas_kernels.flash_decode --formats int8,int4 --batch 8 --lengths 131072 \
-      --scales-ahead 0,1 --block-s 64,128 --num-stages 3 --samples 10 --calls 4 --no-reference
+    # 128k, batch 1 and 8: bf16 at its shipped default beside int8 and int4 (both read as
+    # words) over scale loads (in their block or a block ahead), block size and stages.
+    for b in 1 8; do
+      F="python3 -m pallas_kernels.flash_decode --batch $b --lengths 131072 --samples 10 --calls 4 --no-reference"
+      step 100 fd_b${b}_bf16 $F --formats bf16
+      step 150 fd_b${b}_int8 $F --formats int8 --scales-ahead 0,1 --block-s 64 --num-stages 3
+      step 250 fd_b${b}_int4 $F --formats int4 --scales-ahead 0,1 --block-s 64,128 --num-stages 3
+    done
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \

@@ -56,16 +56,18 @@ from bench.decode import HF_CONFIGS  # noqa: E402
 H, K, D = 32, 8, 128  # Llama-3.1-8B attention heads
 
 
-def time_loop(step, carry, *, inner: int, reps: int) -> float:
-    """Seconds per call of `step(carry) -> carry`, run `inner` times in one jitted loop."""
+def time_loop(step, carry, *inputs, inner: int, reps: int) -> float:
+    """Seconds per call of `step(carry, *inputs) -> carry`, run `inner` times in one jitted
+    loop. The carry is donated; `inputs` (e.g. caches) are arguments, never closed over:
+    as constants they would be baked into the executable."""
     # The barrier keeps XLA from hoisting loop-invariant work (e.g. quantizing x) out of the loop.
-    body = lambda i, c: step(jax.lax.optimization_barrier(c))  # noqa: E731
-    loop = jax.jit(lambda c: jax.lax.fori_loop(0, inner, body, c), donate_argnums=0)
-    carry = jax.block_until_ready(loop(carry))
+    body = lambda i, c, xs: step(jax.lax.optimization_barrier(c), *xs)  # noqa: E731
+    loop = jax.jit(lambda c, xs: jax.lax.fori_loop(0, inner, lambda i, c: body(i, c, xs), c), donate_argnums=0)
+    carry = jax.block_until_ready(loop(carry, inputs))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        carry = jax.block_until_ready(loop(carry))
+        carry = jax.block_until_ready(loop(carry, inputs))
         times.append(time.perf_counter() - t0)
     return common.median(times) / inner
 
@@ -114,23 +116,23 @@ def bench_decode_attention(batch, length, args, bandwidth):
     dense = jax.random.normal(jax.random.key(2), (batch, length, K, D), jnp.bfloat16)
 
     def chain(fn):  # next query depends on the previous output (never hoisted)
-        return lambda qc: (qc + 1e-30 * fn(qc).astype(jnp.float32)).astype(qc.dtype)
+        return lambda qc, *kv: (qc + 1e-30 * fn(qc, *kv).astype(jnp.float32)).astype(qc.dtype)
 
     for fmt in args.formats:
         f = kv_cache.parse_format(fmt)
         k_store = kv_cache.encode(kv_cache.empty_store(f.k, (1, 1, K, D), f.group), dense)
         v_store = kv_cache.encode(kv_cache.empty_store(f.v, (1, 1, K, D), f.group), dense)
         kv_bytes = nbytes((k_store, v_store))
-        impls = {f"ours {fmt}": lambda qc: flash_decode.flash_decode(qc, k_store, v_store, pos)}
+        impls = {f"ours {fmt}": (lambda qc, k, v: flash_decode.flash_decode(qc, k, v, pos), (k_store, v_store))}
         if fmt == "bf16":
-            impls["xla einsum"] = lambda qc: attention.attention_reference(
-                qc[:, None], dense, dense, pos[:, None])[:, 0]
-            impls["jax gqa"] = lambda qc: _jax_gqa(qc, dense, dense, pos + 1)
-        for name, fn in impls.items():
+            impls["xla einsum"] = (lambda qc, k, v: attention.attention_reference(
+                qc[:, None], k, v, pos[:, None])[:, 0], (dense, dense))
+            impls["jax gqa"] = (lambda qc, k, v: _jax_gqa(qc, k, v, pos + 1), (dense, dense))
+        for name, (fn, kv) in impls.items():
             row = {"batch": batch, "context": length, "impl": name, "kv_bytes": kv_bytes}
             try:
                 # time_loop donates its carry: each impl gets its own copy of q.
-                sec = time_loop(chain(fn), jnp.copy(q), inner=args.inner, reps=args.reps)
+                sec = time_loop(chain(fn), jnp.copy(q), *kv, inner=args.inner, reps=args.reps)
                 row.update(us=sec * 1e6, GBps=kv_bytes / sec / 1e9, pct_copy=100 * kv_bytes / sec / bandwidth)
             except Exception as e:
                 traceback.print_exc()

@@ -48,7 +48,11 @@ from ollm_jax import attention, kv_cache
 from ollm_jax.kv_cache import Dense, Int4, Int8, Store
 
 NUM_SMS = 132  # H100 and H200: the grid is sized to cover this many SMs several times
-PROGRAMS_PER_SM = 4  # target programs in flight per SM when choosing num_splits
+PROGRAMS_PER_SM = 4  # target programs in flight per SM when choosing num_splits (bf16, mixed)
+# Quantized on both sides, the measured best (H200, 128k, batch 1; session 4 of
+# bench/results/2026-11-27-h200-kv_quant-status.md): int8 5 (82 splits, 64-slot blocks
+# of 39 KiB shared memory: one wave), int4 6 (99 splits).
+PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 6}
 MIN_BLOCKS_PER_SPLIT = 2  # at the longest context, each split walks at least this many blocks
 Q_DTYPES = (jnp.bfloat16, jnp.float16)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: empty splits and rows stay NaN-free
@@ -86,12 +90,17 @@ class Config:
     scales_ahead: int  # 1: quantized scales load a block ahead (loop-carried); 0: in their block
 
 
-def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int) -> int:
-    """Splits so that B * K * P programs cover the 132 SMs about PROGRAMS_PER_SM times,
+def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int,
+                       programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Splits so that B * K * P programs cover the 132 SMs about `programs_per_sm` times,
     but no more than leave each split MIN_BLOCKS_PER_SPLIT blocks of a full cache."""
-    want = pl.cdiv(NUM_SMS * PROGRAMS_PER_SM, batch * kv_heads)
+    want = pl.cdiv(NUM_SMS * programs_per_sm, batch * kv_heads)
     most = max(1, max_len // (MIN_BLOCKS_PER_SPLIT * block_s))
     return max(1, min(want, most))
+
+
+def _programs_per_sm(k_kind: str, v_kind: str) -> int:
+    return PROGRAMS_PER_SM_QUANT.get(k_kind, PROGRAMS_PER_SM) if k_kind == v_kind else PROGRAMS_PER_SM
 
 
 def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len: int) -> Config:
@@ -99,20 +108,20 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
     warps and 2 stages needs <= 168 registers a thread (int4-g32: 255, no spill) and
     <= 72 KiB of shared memory in every format, so 2-3 programs fit on an SM; block_s 256
     spills for int4-g32 and, with 3 stages, exceeds the shared memory for bf16. int8 on
-    both sides takes 64-slot blocks and 3 stages: at batch 1 and 128k on an H200 that
-    measured 88-101 us against 106-118 us for 128 slots and 2 stages (two runs,
-    bench/results/2026-11-27-h200-kv_quant-status.md). Scales load a block ahead, as
-    measured with byte-packed data; with words, loading them in their own block compiles
-    the int8 loop (offline SASS, block 128, 2 stages) to 896 instructions and 126
-    registers against 1,368 and 160, which the next GPU sweep weighs (`--scales-ahead`)."""
+    both sides takes 64-slot blocks, 3 stages and its scales loaded in their own block:
+    on an H200 at 128k that measured 79-82 us of GPU time at batch 1 (as with the scales
+    a block ahead) and 593 against 634 us at batch 8, where 128-slot blocks took 89-123
+    us at batch 1 (bench/results/2026-11-27-h200-kv_quant-status.md, sessions 3 and 4).
+    int4 keeps 128-slot blocks, 2 stages and its scales a block ahead (93-101 us against
+    97-118 us for 64 slots, batch 1). Splits: PROGRAMS_PER_SM(_QUANT)."""
     int8 = k_kind == v_kind == "int8"
     block_s = min(64 if int8 else 128, max(16, _pow2_ceil(max_len)))
     return Config(
         block_s=block_s,
-        num_splits=default_num_splits(batch, kv_heads, max_len, block_s),
+        num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind)),
         num_warps=4,
         num_stages=3 if int8 else 2,
-        scales_ahead=1,
+        scales_ahead=0 if int8 else 1,
     )
 
 
@@ -128,7 +137,8 @@ def resolve_config(
         raise ValueError(f"{block_s=} must be a power of two >= 16")
     return Config(
         block_s=block_s,
-        num_splits=num_splits or default_num_splits(batch, kv_heads, max_len, block_s),
+        num_splits=num_splits or default_num_splits(batch, kv_heads, max_len, block_s,
+                                                    _programs_per_sm(k_kind, v_kind)),
         num_warps=num_warps or cfg.num_warps,
         num_stages=num_stages or cfg.num_stages,
         scales_ahead=cfg.scales_ahead if scales_ahead is None else int(bool(scales_ahead)),
@@ -152,34 +162,40 @@ def resolve_config(
 # int8 words (kv_cache.Int8, uint32): the prmt gathers byte c of the two words into
 # bytes 0 and 2, one lop3 masks them and xors in both the 0x64 high bytes and the sign
 # flip (byte ^ 0x80 = b + 128), and the subtraction removes 1024 + 128: 1.5
-# instructions a value.
+# instructions a value. The biased variant stops before the subtraction (fp16
+# INT8_BIAS + b, exact, 1 instruction a value): K's dot removes the bias once per score,
+# q . (bias + k) - bias * sum(q), with sum(q) computed once per program.
+INT8_BIAS = 1024 + 128
 _PTX_INT8_WORDS_TO_FP16 = """{{
 .reg .b32 t, mask, magic;
 mov.b32 mask, 0x00FF00FF;
 mov.b32 magic, 0x64806480;
 prmt.b32 t, $1, $2, {selector};
-lop3.b32 t, t, mask, magic, 0x6A;
-sub.f16x2 $0, t, magic;
+{last}
 }}"""
-PTX_INT8_WORDS_TO_FP16 = tuple(_PTX_INT8_WORDS_TO_FP16.format(selector=hex(c | c << 4 | (4 + c) << 8 | (4 + c) << 12))
-                               for c in range(4))
+_INT8_SELECTORS = tuple(hex(c | c << 4 | (4 + c) << 8 | (4 + c) << 12) for c in range(4))
+PTX_INT8_WORDS_TO_FP16 = tuple(_PTX_INT8_WORDS_TO_FP16.format(
+    selector=sel, last="lop3.b32 t, t, mask, magic, 0x6A;\nsub.f16x2 $0, t, magic;") for sel in _INT8_SELECTORS)
+PTX_INT8_WORDS_TO_BIASED_FP16 = tuple(_PTX_INT8_WORDS_TO_FP16.format(
+    selector=sel, last="lop3.b32 $0, t, mask, magic, 0x6A;") for sel in _INT8_SELECTORS)
 # int4 words (kv_cache.Int4, uint16; two arrive packed in one 32-bit register): nibble e
 # of each. Nibbles 2 and 3 are first moved down a byte (prmt), then one lop3 masks the
 # nibble in place and ors in 0x64 (nibbles 1 and 3 stay 16x their value) and the
 # subtraction removes 1024: 1.25 instructions a value over the four quarters.
+# The biased variant leaves out the subtraction (fp16 INT4_BIAS + n or + 16 n), for K.
+INT4_BIAS = 1024
 _PTX_INT4_WORDS_TO_FP16 = """{{
 .reg .b32 t, mask, magic;
 mov.b32 mask, {mask};
 mov.b32 magic, 0x64006400;
 {move}
-lop3.b32 t, t, mask, magic, 0xEA;
-sub.f16x2 $0, t, magic;
+{last}
 }}"""
-PTX_INT4_WORDS_TO_FP16 = tuple(
+PTX_INT4_WORDS_TO_FP16, PTX_INT4_WORDS_TO_BIASED_FP16 = (tuple(
     _PTX_INT4_WORDS_TO_FP16.format(mask="0x00F000F0" if e % 2 else "0x000F000F",
-                                   move="prmt.b32 t, $1, $1, 0x3311;" if e >= 2 else "mov.b32 t, $1;")
+                                   move="prmt.b32 t, $1, $1, 0x3311;" if e >= 2 else "mov.b32 t, $1;", last=last)
     for e in range(4)
-)
+) for last in ("lop3.b32 t, t, mask, magic, 0xEA;\nsub.f16x2 $0, t, magic;", "lop3.b32 $0, t, mask, magic, 0xEA;"))
 
 
 def _words_to_fp16(words: jax.Array, ptx: tuple[str, ...], constraints: str) -> list[jax.Array]:
@@ -188,20 +204,25 @@ def _words_to_fp16(words: jax.Array, ptx: tuple[str, ...], constraints: str) -> 
             for asm in ptx]
 
 
-def _int8_words_to_fp16(words: jax.Array, interpret: bool) -> list[jax.Array]:
-    """uint32 words [Ts, Q] -> the four quarters' values, fp16 [Ts, Q] each, exact."""
+def _int8_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False) -> list[jax.Array]:
+    """uint32 words [Ts, Q] -> the four quarters' values, fp16 [Ts, Q] each, exact (plus
+    INT8_BIAS when `biased`)."""
     if interpret:
-        return [lax.bitcast_convert_type(((words >> (8 * c)) & 0xFF).astype(jnp.uint8), jnp.int8).astype(jnp.float16)
-                for c in range(4)]
-    return _words_to_fp16(words, PTX_INT8_WORDS_TO_FP16, "=r,r,r")
+        bias = INT8_BIAS if biased else 0
+        return [(lax.bitcast_convert_type(((words >> (8 * c)) & 0xFF).astype(jnp.uint8), jnp.int8).astype(jnp.int32)
+                 + bias).astype(jnp.float16) for c in range(4)]
+    return _words_to_fp16(words, PTX_INT8_WORDS_TO_BIASED_FP16 if biased else PTX_INT8_WORDS_TO_FP16, "=r,r,r")
 
 
-def _int4_words_to_fp16(words: jax.Array, interpret: bool) -> list[jax.Array]:
+def _int4_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False) -> list[jax.Array]:
     """uint16 words [Ts, C] -> the four quarters' nibbles, fp16 [Ts, C] each, exact:
-    n for quarters 0 and 2, 16 n for quarters 1 and 3 (masked in place, no shift)."""
+    n for quarters 0 and 2, 16 n for quarters 1 and 3 (masked in place, no shift); plus
+    INT4_BIAS when `biased`."""
     if interpret:
-        return [((words >> (8 * (e // 2))) & (0xF0 if e % 2 else 0x0F)).astype(jnp.float16) for e in range(4)]
-    return _words_to_fp16(words, PTX_INT4_WORDS_TO_FP16, "=r,r")
+        bias = INT4_BIAS if biased else 0
+        return [(((words >> (8 * (e // 2))) & (0xF0 if e % 2 else 0x0F)).astype(jnp.int32) + bias).astype(jnp.float16)
+                for e in range(4)]
+    return _words_to_fp16(words, PTX_INT4_WORDS_TO_BIASED_FP16 if biased else PTX_INT4_WORDS_TO_FP16, "=r,r")
 
 
 def _flash_decode_kernel(
@@ -264,20 +285,29 @@ def _flash_decode_kernel(
     def load_scales(t0):
         rows, visible = block_rows(t0)
 
-        def vec(ref, n=None):
-            at = ref.at[rows] if n is None else ref.at[rows, jnp.int32(n)]
-            return plt.load(at, mask=visible, other=0).astype(f32)  # [Ts]
+        def vec(ref, *col):  # [Ts] f32
+            return plt.load(ref.at[(rows, *col)], mask=visible, other=0).astype(f32)
+
+        def split_cols(x):  # [Ts, n] -> n x [Ts], n a power of two (tt.split halves)
+            if x.shape[1] == 1:
+                return [x.reshape(block_s)]
+            even, odd = jnp.unstack(x.reshape(block_s, x.shape[1] // 2, 2), axis=-1)  # [Ts, n/2] each
+            return [c for pair in zip(split_cols(even), split_cols(odd)) for c in pair]
+
+        def cols(ref):  # per-group [Ts, n] -> n x [Ts] f32: a token's n groups in one (vector) load
+            if ref.shape[-1] == 1:
+                return [vec(ref, jnp.int32(0))]
+            return split_cols(plt.load(ref.at[rows, :], mask=visible[:, None], other=0).astype(f32))
 
         k_sc, v_sc = (), ()
         if k_kind == "int8":
             k_sc = (vec(k_refs[1]) * score_scale,)
         elif k_kind == "int4":
-            k_sc = tuple(x for n in range(int4_layout(k_refs)[3])
-                         for x in (vec(k_refs[1], n) * score_scale, vec(k_refs[2], n)))  # scale_n, zero_n, ...
+            k_sc = tuple(x for sc, z in zip(cols(k_refs[1]), cols(k_refs[2])) for x in (sc * score_scale, z))
         if v_kind == "int8":
             v_sc = (vec(v_refs[1]),)
         elif v_kind == "int4":
-            v_sc = tuple(x for n in range(int4_layout(v_refs)[3]) for x in (vec(v_refs[1], n), vec(v_refs[2], n)))
+            v_sc = tuple(x for sc, z in zip(cols(v_refs[1]), cols(v_refs[2])) for x in (sc, z))  # scale_n, zero_n, ...
         return k_sc, v_sc
 
     # ---- K side: scores [Gp, Ts] f32, in log2 units.
@@ -289,8 +319,16 @@ def _flash_decode_kernel(
         for e, c, col in int4_parts(k_chunks, k_chunk):
             q_sum[col // k_group] += jnp.sum(q_parts[e, c].astype(f32), axis=1)
         q_sum = [x * score_scale for x in q_sum]  # [Gp] each
+        # Quarters 1 and 3 arrive as 16 x their nibbles: their q parts carry the 1/16 (exact
+        # in fp16 for |q| >= 2^-10), so a group's dots add up; K arrives biased (see
+        # INT4_BIAS), removed once per score: q_bias[n] = bias * sum of group n's q parts.
+        q_parts = {(e, c): x * jnp.asarray(0.0625 if e % 2 else 1.0, qdt) for (e, c), x in q_parts.items()}
+        q_bias = [jnp.zeros((gp,), f32) for _ in range(k_n)]
+        for e, c, col in int4_parts(k_chunks, k_chunk):
+            q_bias[col // k_group] += INT4_BIAS * jnp.sum(q_parts[e, c].astype(f32), axis=1)
     elif k_kind == "int8":
         q_quarters = [load_q(pl.ds(c * quarter, quarter)).astype(qdt) for c in range(4)]  # [Gp, Q] each
+        q_bias = INT8_BIAS * sum(jnp.sum(x.astype(f32), axis=1) for x in q_quarters)  # [Gp]: bias * sum(q)
     else:
         q = load_q(slice(None)).astype(dt)  # [Gp, D]
 
@@ -300,26 +338,22 @@ def _flash_decode_kernel(
             k = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D]
             return jnp.dot(q, k.T, preferred_element_type=f32) * score_scale  # [Gp, Ts]
         if k_kind == "int8":
-            k = _int8_words_to_fp16(plt.load(k_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, Q] x 4
+            words = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0)  # [Ts, Q] u32
+            k = _int8_words_to_fp16(words, interpret, biased=True)  # [Ts, Q] x 4: bias + k
             dots = [jnp.dot(q_c, k_c.T, preferred_element_type=f32) for q_c, k_c in zip(q_quarters, k)]  # [Gp, Ts]
-            return (dots[0] + dots[1] + dots[2] + dots[3]) * k_sc[0][None, :]
-        # Per group: q . nibbles over its quarters 0 and 2, and q . (16 * nibbles) over its
-        # quarters 1 and 3 (see _int4_words_to_fp16), [Gp, Ts] f32 each.
-        dots_lo, dots_hi = [None] * k_n, [None] * k_n
+            return (dots[0] + dots[1] + dots[2] + dots[3] - q_bias[:, None]) * k_sc[0][None, :]
+        # Per group: q . (bias + nibbles) over its quarters and chunks, [Gp, Ts] f32.
+        dots = [None] * k_n
         for c in range(k_chunks):
             words = plt.load(k_refs[0].at[rows, pl.ds(c * k_chunk, k_chunk)], mask=vis2, other=0)  # [Ts, C] u16
-            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret)):  # [Ts, C]
-                dots, n = (dots_hi if e % 2 else dots_lo), (e * quarter + c * k_chunk) // k_group
+            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret, biased=True)):  # [Ts, C]
+                n = (e * quarter + c * k_chunk) // k_group
                 part = jnp.dot(q_parts[e, c], n_e.T, preferred_element_type=f32)
                 dots[n] = part if dots[n] is None else dots[n] + part
         s = None
         for n in range(k_n):
             scale, zero = k_sc[2 * n], k_sc[2 * n + 1]  # [Ts]
-            term = q_sum[n][:, None] * zero[None, :]  # [Gp, Ts]
-            if dots_lo[n] is not None:
-                term += dots_lo[n] * scale[None, :]
-            if dots_hi[n] is not None:
-                term += dots_hi[n] * (scale * 0.0625)[None, :]  # 1/16: exact
+            term = (dots[n] - q_bias[n][:, None]) * scale[None, :] + q_sum[n][:, None] * zero[None, :]  # [Gp, Ts]
             s = term if s is None else s + term
         return s
 
@@ -341,6 +375,8 @@ def _flash_decode_kernel(
             v = plt.load(v_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D]
             return (acc[0] + jnp.dot(p.astype(dt), v, preferred_element_type=f32),)
         if v_kind == "int8":
+            # Unbiased: removing V's bias after the loop needs sum(p_scaled) a block, which
+            # costs what it saves (offline SASS).
             v = _int8_words_to_fp16(plt.load(v_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, Q] x 4
             p_scaled = (p * v_sc[0][None, :]).astype(qdt)  # [Gp, Ts]: the V scale on the probabilities
             return tuple(a + jnp.dot(p_scaled, v_c, preferred_element_type=f32) for a, v_c in zip(acc, v))
@@ -620,11 +656,14 @@ def _seconds_per_call_in_loop(fn, q, k, v, calls: int, samples: int) -> float:
 
     from bench import common  # on sys.path once main() runs
 
-    def body(_, qc):  # the next query depends on this output, so no call is hoisted or skipped
-        return (qc + 1e-30 * fn(qc, k, v).astype(jnp.float32)).astype(qc.dtype)
+    def body(_, carry):  # the next query depends on this output, so no call is hoisted or skipped
+        qc, k, v = carry
+        return (qc + 1e-30 * fn(qc, k, v).astype(jnp.float32)).astype(qc.dtype), k, v
 
-    loop = jax.jit(lambda qc: lax.fori_loop(0, calls, body, qc))
-    return common.median_seconds(lambda: loop(q), samples) / calls
+    # K and V are arguments, not closed over: as constants they would be baked into the
+    # executable (GBs at batch 8, 128k: minutes of compiling, an unserialisable program).
+    loop = jax.jit(lambda qc, k, v: lax.fori_loop(0, calls, body, (qc, k, v))[0])
+    return common.median_seconds(lambda: loop(q, k, v), samples) / calls
 
 
 def _ints(text: str | None) -> list[int | None]:
