@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/card.txt"
 case "${1:-}" in
   a)
     step 150 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py tests/test_quantize_append.py
-    step 200 fd_defaults python3 -m pallas_kernels.flash_decode --formats bf16,int8,int4 --lengths 32768,131072 \
+    step 200 fd_defaults python3 -m pallas_kernels.flash_decode --formats bf16,int8,int4 --lengths 8192,32768,131072 \
       --samples 10 --calls 6
     step 110 qa_sweep python3 -m pallas_kernels.quantize_append --budget-s 80 --shapes 1,16384,8,128,32768 \
       2,2048,32,64,4096 --formats int8 int4-g64 bf16 --kv-formats int8
