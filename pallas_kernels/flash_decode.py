@@ -49,9 +49,11 @@ from ollm_jax.kv_cache import Dense, Int4, Int8, Store
 
 NUM_SMS = 132  # H100 and H200: the grid is sized to cover this many SMs several times
 PROGRAMS_PER_SM = 4  # target programs in flight per SM when choosing num_splits (bf16, mixed)
-# Quantized on both sides, the measured best (H200, 128k, batch 1; session 4 of
-# bench/results/2026-11-27-h200-kv_quant-status.md): int8 5 (82 splits, 64-slot blocks
-# of 39 KiB shared memory: one wave), int4 6 (99 splits).
+# Quantized on both sides: at most this many programs per SM, so the grid stays within
+# one wave (H200, 128k, session 4 of bench/results/2026-11-27-h200-kv_quant-status.md):
+# int8 5 (64-slot blocks in 39 KiB of shared memory: 82 splits at batch 1, 10 at batch 8;
+# 11 splits, just over a wave, measured 676 against 569 us at batch 8), int4 6 (99 splits
+# at batch 1).
 PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 6}
 MIN_BLOCKS_PER_SPLIT = 2  # at the longest context, each split walks at least this many blocks
 Q_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -91,16 +93,20 @@ class Config:
 
 
 def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int,
-                       programs_per_sm: int = PROGRAMS_PER_SM) -> int:
-    """Splits so that B * K * P programs cover the 132 SMs about `programs_per_sm` times,
-    but no more than leave each split MIN_BLOCKS_PER_SPLIT blocks of a full cache."""
-    want = pl.cdiv(NUM_SMS * programs_per_sm, batch * kv_heads)
+                       programs_per_sm: int | None = None) -> int:
+    """Splits so that B * K * P programs cover the 132 SMs about PROGRAMS_PER_SM times
+    (given `programs_per_sm`: at most that many times, one wave), but no more than leave
+    each split MIN_BLOCKS_PER_SPLIT blocks of a full cache."""
+    if programs_per_sm is None:
+        want = pl.cdiv(NUM_SMS * PROGRAMS_PER_SM, batch * kv_heads)
+    else:
+        want = max(1, NUM_SMS * programs_per_sm // (batch * kv_heads))
     most = max(1, max_len // (MIN_BLOCKS_PER_SPLIT * block_s))
     return max(1, min(want, most))
 
 
-def _programs_per_sm(k_kind: str, v_kind: str) -> int:
-    return PROGRAMS_PER_SM_QUANT.get(k_kind, PROGRAMS_PER_SM) if k_kind == v_kind else PROGRAMS_PER_SM
+def _programs_per_sm(k_kind: str, v_kind: str) -> int | None:
+    return PROGRAMS_PER_SM_QUANT.get(k_kind) if k_kind == v_kind else None
 
 
 def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len: int) -> Config:
@@ -113,7 +119,7 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
     a block ahead) and 593 against 634 us at batch 8, where 128-slot blocks took 89-123
     us at batch 1 (bench/results/2026-11-27-h200-kv_quant-status.md, sessions 3 and 4).
     int4 keeps 128-slot blocks, 2 stages and its scales a block ahead (93-101 us against
-    97-118 us for 64 slots, batch 1). Splits: PROGRAMS_PER_SM(_QUANT)."""
+    97-118 us for 64 slots, batch 1). Splits: PROGRAMS_PER_SM, PROGRAMS_PER_SM_QUANT."""
     int8 = k_kind == v_kind == "int8"
     block_s = min(64 if int8 else 128, max(16, _pow2_ceil(max_len)))
     return Config(
