@@ -6,15 +6,18 @@ different one for K and for V) and dequantized in registers:
 
 - int8: four values a 32-bit word, one per quarter of head_dim; each word becomes four
   fp16 values, one for each of four dots over a quarter of the channels:
-  scores = sum_c (q_c . k_c) * scale; the V scale multiplies the probabilities, and
-  quarter c of the output accumulates p . v_c. (Reading words keeps Triton's conversion
+  scores = (sum_c q_c . (bias + k_c) - bias * sum(q)) * scale (K is converted without
+  its fp16 bias, which the score removes once); the V scale multiplies the
+  probabilities, and quarter c of the output accumulates p . v_c. (Reading words keeps Triton's conversion
   after the shared-memory load at one 32-bit load per four values; int8 bytes were
   gathered one load per value into the dot layout.)
 - int4: four nibbles a 16-bit word, one per quarter of head_dim, read as words the same
-  way; nibbles 1 and 3 are masked in place (16 x their value, no shift; the 1/16 is
-  applied to the dot), one dot per quarter and chunk of at most one quantization group;
-  scores = sum_n scale_n * (q_n . nibbles_n) + zero_n * sum(q_n), and for V the group
-  scale multiplies the probabilities and the zero point adds sum(p * zero_n) per group.
+  way; nibbles 1 and 3 are masked in place (16 x their value, no shift; the 1/16 goes on
+  q for K and on the output for V), one dot per quarter and chunk of at most one
+  quantization group; scores = sum_n scale_n * (q_n . (bias + nibbles_n) - bias *
+  sum(q_n)) + zero_n * sum(q_n) (K biased as for int8), and for V the group scale
+  multiplies the probabilities and the zero point adds sum(p * zero_n) per group. A
+  token's N group scales (and zeros) arrive in one [Ts, N] load.
 - Integers become fp16 by a magic-number trick in inline PTX, so dots against quantized
   data run in fp16; dense K/V dot in q's dtype.
 
