@@ -10,7 +10,7 @@
 #   bash bench/gpu_session.sh d    speculative draft-model cost model (8B / 1B shapes)
 #   bash bench/gpu_session.sh e    bf16 decode splits at batch 1, prefill attention at 4k, 16k, 64k
 #   bash bench/gpu_session.sh f    bf16 beside int8/int4 decode tuning at 128k (scale loads, block size), batch 1 and 8
-#   bash bench/gpu_session.sh g    the next knobs: int8 decode warps/blocks/stages, append tiles and warps
+#   bash bench/gpu_session.sh g    the next knobs: int8 decode warps/blocks/stages, int4 transposed, append tiles
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -48,10 +48,15 @@ case "${1:-}" in
     ;;
   g)
     # The next knobs (bench/results/2026-11-27-h200-kv_quant-status.md, session 4 "Next
-    # steps"): int8 decode at 2 warps and 32-slot blocks, the append's tile and warps.
+    # steps"): int8 decode at 2 warps and 32-slot blocks, int4 transposed (scores as
+    # K . q^T), the append's tile and warps.
     for b in 1 8; do
       step 150 fd_b${b}_int8_knobs python3 -m pallas_kernels.flash_decode --batch $b --lengths 131072 --samples 10 \
         --calls 4 --no-reference --formats bf16,int8 --num-warps 2,4 --block-s 32,64 --num-stages 3,4
+    done
+    for b in 1 8; do
+      step 120 fd_b${b}_int4_transposed python3 -m pallas_kernels.flash_decode --batch $b --lengths 131072 \
+        --samples 10 --calls 4 --no-reference --formats bf16,int4 --transposed 0,1 --scales-ahead 0,1
     done
     step 200 qa_tiles python3 -m pallas_kernels.quantize_append --budget-s 150 --shapes 1,16384,8,128,32768 \
       --formats int8 int4-g64 --kv-formats int8 --block-t 8 16 32 --num-warps 4 8

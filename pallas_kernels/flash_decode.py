@@ -26,7 +26,8 @@ head share one read of each K/V tile (their rows are padded to a dot-friendly Gp
 A program walks only the key blocks its sequence can see (a loop bound computed from
 the query position), so an 8k context in a 128k cache reads 8k slots; the visible
 blocks are dealt out evenly to the P splits. `combine_splits` merges the P partial
-softmaxes.
+softmaxes. With `transposed`, a program computes scores as K . q^T, [Ts, Gp] with Gp >= 8
+(the tokens on the mma's M, the query heads on N), and its accumulators as V^T . p.
 
 Dimensions: B batch, S cache slots (slot s holds position s), H query heads, K KV heads,
 G = H // K query heads per KV head, Gp G padded to a power of two >= 16, D head_dim,
@@ -93,6 +94,7 @@ class Config:
     num_warps: int
     num_stages: int
     scales_ahead: int  # 1: quantized scales load a block ahead (loop-carried); 0: in their block
+    transposed: int = 0  # 1: scores as K . q^T, [Ts, Gp] (tokens on the mma's M, query heads on N >= 8)
 
 
 def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int,
@@ -131,6 +133,7 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
         num_warps=4,
         num_stages=3 if int8 else 2,
         scales_ahead=0 if int8 else 1,
+        transposed=0,
     )
 
 
@@ -138,6 +141,7 @@ def resolve_config(
     k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len: int,
     block_s: int | None = None, num_splits: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, scales_ahead: int | None = None,
+    transposed: int | None = None,
 ) -> Config:
     """The knobs given, the defaults for the rest (num_splits follows the block size)."""
     cfg = default_config(k_kind, v_kind, batch, kv_heads, max_len)
@@ -151,6 +155,7 @@ def resolve_config(
         num_warps=num_warps or cfg.num_warps,
         num_stages=num_stages or cfg.num_stages,
         scales_ahead=cfg.scales_ahead if scales_ahead is None else int(bool(scales_ahead)),
+        transposed=cfg.transposed if transposed is None else int(bool(transposed)),
     )
 
 
@@ -247,6 +252,7 @@ def _flash_decode_kernel(
     sliding_window: int | None,
     sm_scale: float,
     scales_ahead: bool,
+    transposed: bool,
     interpret: bool,
 ):
     n_k, n_v = _NUM_ARRAYS[k_kind], _NUM_ARRAYS[v_kind]
@@ -259,6 +265,30 @@ def _flash_decode_kernel(
     qdt = jnp.float16  # dots against quantized K or V (see the PTX conversions above)
     f32 = jnp.float32
     score_scale = sm_scale * _LOG2E  # scores in log2 units: the softmax uses exp2
+
+    # Orientation: score tiles are [Gp, Ts] (query heads on the mma's M) or, transposed,
+    # [Ts, Gp] (tokens on M, heads on N >= 8: half the padded f32 work for GQA 4);
+    # accumulators [Gp, W] or [W, Gp].
+    tok_axis = 0 if transposed else 1
+
+    def by_head(x):  # [Gp] -> broadcast along a score or accumulator tile
+        return x[None, :] if transposed else x[:, None]
+
+    def by_token(x):  # [Ts] -> broadcast along a score tile
+        return x[:, None] if transposed else x[None, :]
+
+    def qk(q_part, k_part):  # q [Gp, W], K [Ts, W] -> f32 scores in orientation
+        if transposed:
+            return jnp.dot(k_part, q_part.T, preferred_element_type=f32)  # [Ts, Gp]
+        return jnp.dot(q_part, k_part.T, preferred_element_type=f32)  # [Gp, Ts]
+
+    def pv(p, v_part):  # probabilities in orientation, V [Ts, W] -> f32 [Gp, W] or [W, Gp]
+        if transposed:
+            return jnp.dot(v_part.T, p, preferred_element_type=f32)
+        return jnp.dot(p, v_part, preferred_element_type=f32)
+
+    def acc_zeros(width):
+        return jnp.zeros((width, gp) if transposed else (gp, width), f32)
 
     # Rows >= G of the q block lie outside q: masked to zero on load and on store.
     row_mask = None if gp == num_heads_per_kv else (jnp.arange(gp) < num_heads_per_kv)[:, None]  # [Gp, 1]
@@ -319,7 +349,7 @@ def _flash_decode_kernel(
             v_sc = tuple(x for sc, z in zip(cols(v_refs[1]), cols(v_refs[2])) for x in (sc, z))  # scale_n, zero_n, ...
         return k_sc, v_sc
 
-    # ---- K side: scores [Gp, Ts] f32, in log2 units.
+    # ---- K side: scores f32 in orientation, in log2 units.
     if k_kind == "int4":
         k_group, k_chunk, k_chunks, k_n = int4_layout(k_refs)
         # Word column c*C.. of quarter e holds channels e*Q + c*C..; channel col is in group col // group.
@@ -345,24 +375,24 @@ def _flash_decode_kernel(
         vis2 = visible[:, None]  # [Ts, 1]
         if k_kind == "dense":
             k = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D]
-            return jnp.dot(q, k.T, preferred_element_type=f32) * score_scale  # [Gp, Ts]
+            return qk(q, k) * score_scale
         if k_kind == "int8":
             words = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0)  # [Ts, Q] u32
             k = _int8_words_to_fp16(words, interpret, biased=True)  # [Ts, Q] x 4: bias + k
-            dots = [jnp.dot(q_c, k_c.T, preferred_element_type=f32) for q_c, k_c in zip(q_quarters, k)]  # [Gp, Ts]
-            return (dots[0] + dots[1] + dots[2] + dots[3] - q_bias[:, None]) * k_sc[0][None, :]
-        # Per group: q . (bias + nibbles) over its quarters and chunks, [Gp, Ts] f32.
+            dots = [qk(q_c, k_c) for q_c, k_c in zip(q_quarters, k)]
+            return (dots[0] + dots[1] + dots[2] + dots[3] - by_head(q_bias)) * by_token(k_sc[0])
+        # Per group: q . (bias + nibbles) over its quarters and chunks, f32.
         dots = [None] * k_n
         for c in range(k_chunks):
             words = plt.load(k_refs[0].at[rows, pl.ds(c * k_chunk, k_chunk)], mask=vis2, other=0)  # [Ts, C] u16
             for e, n_e in enumerate(_int4_words_to_fp16(words, interpret, biased=True)):  # [Ts, C]
                 n = (e * quarter + c * k_chunk) // k_group
-                part = jnp.dot(q_parts[e, c], n_e.T, preferred_element_type=f32)
+                part = qk(q_parts[e, c], n_e)
                 dots[n] = part if dots[n] is None else dots[n] + part
         s = None
         for n in range(k_n):
             scale, zero = k_sc[2 * n], k_sc[2 * n + 1]  # [Ts]
-            term = (dots[n] - q_bias[n][:, None]) * scale[None, :] + q_sum[n][:, None] * zero[None, :]  # [Gp, Ts]
+            term = (dots[n] - by_head(q_bias[n])) * by_token(scale) + by_head(q_sum[n]) * by_token(zero)
             s = term if s is None else s + term
         return s
 
@@ -370,36 +400,36 @@ def _flash_decode_kernel(
     if v_kind == "int4":
         v_group, v_chunk, v_chunks, v_n = int4_layout(v_refs)
         # [Gp, C] per (quarter, chunk) (int4_parts order), then sum(p * zero_n) [Gp] per group.
-        acc0 = tuple(jnp.zeros((gp, v_chunk), f32) for _ in range(4 * v_chunks)) + tuple(
+        acc0 = tuple(acc_zeros(v_chunk) for _ in range(4 * v_chunks)) + tuple(
             jnp.zeros((gp,), f32) for _ in range(v_n)
         )
     elif v_kind == "int8":
-        acc0 = tuple(jnp.zeros((gp, quarter), f32) for _ in range(4))  # [Gp, Q] per quarter
+        acc0 = tuple(acc_zeros(quarter) for _ in range(4))  # [Gp, Q] per quarter
     else:
-        acc0 = (jnp.zeros((gp, d), f32),)  # [Gp, D]
+        acc0 = (acc_zeros(d),)  # [Gp, D]
 
     def v_accumulate(rows, visible, p, acc, v_sc):
         vis2 = visible[:, None]  # [Ts, 1]
         if v_kind == "dense":
             v = plt.load(v_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D]
-            return (acc[0] + jnp.dot(p.astype(dt), v, preferred_element_type=f32),)
+            return (acc[0] + pv(p.astype(dt), v),)
         if v_kind == "int8":
             # Unbiased: removing V's bias after the loop needs sum(p_scaled) a block, which
             # costs what it saves (offline SASS).
             v = _int8_words_to_fp16(plt.load(v_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, Q] x 4
-            p_scaled = (p * v_sc[0][None, :]).astype(qdt)  # [Gp, Ts]: the V scale on the probabilities
-            return tuple(a + jnp.dot(p_scaled, v_c, preferred_element_type=f32) for a, v_c in zip(acc, v))
+            p_scaled = (p * by_token(v_sc[0])).astype(qdt)  # the V scale on the probabilities
+            return tuple(a + pv(p_scaled, v_c) for a, v_c in zip(acc, v))
         p_scaled, z_acc = [], list(acc[4 * v_chunks :])
         for n in range(v_n):
             scale, zero = v_sc[2 * n], v_sc[2 * n + 1]  # [Ts]
-            p_scaled.append((p * scale[None, :]).astype(qdt))  # [Gp, Ts]
-            z_acc[n] = z_acc[n] + jnp.sum(p * zero[None, :], axis=1)  # [Gp]
+            p_scaled.append((p * by_token(scale)).astype(qdt))
+            z_acc[n] = z_acc[n] + jnp.sum(p * by_token(zero), axis=tok_axis)  # [Gp]
         out = list(acc[: 4 * v_chunks])
         for c in range(v_chunks):
             words = plt.load(v_refs[0].at[rows, pl.ds(c * v_chunk, v_chunk)], mask=vis2, other=0)  # [Ts, C] u16
             for e, n_e in enumerate(_int4_words_to_fp16(words, interpret)):  # [Ts, C]; 16 x for odd e
                 i = 4 * c + e  # int4_parts order; the 1/16 of odd quarters is applied once, after the loop
-                out[i] += jnp.dot(p_scaled[(e * quarter + c * v_chunk) // v_group], n_e, preferred_element_type=f32)
+                out[i] += pv(p_scaled[(e * quarter + c * v_chunk) // v_group], n_e)
         return tuple(out) + tuple(z_acc)
 
     def body(i, carry):
@@ -411,12 +441,12 @@ def _flash_decode_kernel(
         else:
             (k_sc, v_sc), next_scales = load_scales(t0), ()
         rows, visible = block_rows(t0)  # every walked block has a visible slot
-        s = jnp.where(visible[None, :], k_scores(rows, visible, k_sc), _MASKED)  # [Gp, Ts]
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))  # [Gp]
+        s = jnp.where(by_token(visible), k_scores(rows, visible, k_sc), _MASKED)  # [Gp, Ts] or [Ts, Gp]
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=tok_axis))  # [Gp]
         correction = jnp.exp2(m_prev - m_next)  # [Gp]
-        p = jnp.exp2(s - m_next[:, None])  # [Gp, Ts] f32
-        l_next = l_prev * correction + jnp.sum(p, axis=1)
-        acc = tuple(a * (correction[:, None] if a.ndim == 2 else correction) for a in acc)
+        p = jnp.exp2(s - by_head(m_next))  # f32, as s
+        l_next = l_prev * correction + jnp.sum(p, axis=tok_axis)
+        acc = tuple(a * (by_head(correction) if a.ndim == 2 else correction) for a in acc)
         return m_next, l_next, v_accumulate(rows, visible, p, acc, v_sc), next_scales
 
     m0 = jnp.full((gp,), _MASKED, f32)
@@ -424,22 +454,23 @@ def _flash_decode_kernel(
     scales0 = load_scales(start_block * block_s) if scales_ahead else ()
     m, l, acc, _ = lax.fori_loop(0, count, body, (m0, l0, acc0, scales0))
 
-    def store(ref, cols, x):
+    def store(cols, x):  # an accumulator (in orientation) -> o_ref[:, cols], [Gp, width]
+        x = x.T if transposed else x
         if row_mask is None:
-            ref[:, cols] = x
+            o_ref[:, cols] = x
         else:
-            plt.store(ref.at[:, cols], x, mask=row_mask)
+            plt.store(o_ref.at[:, cols], x, mask=row_mask)
 
     if v_kind == "int4":
         for i, (e, _, col) in enumerate(int4_parts(v_chunks, v_chunk)):
             a = acc[i] * 0.0625 if e % 2 else acc[i]
             z = acc[4 * v_chunks + col // v_group]  # [Gp]: sum(p * zero) of this chunk's group
-            store(o_ref, pl.ds(col, v_chunk), a + z[:, None])  # [Gp, C]
+            store(pl.ds(col, v_chunk), a + by_head(z))  # [Gp, C]
     elif v_kind == "int8":
         for c in range(4):
-            store(o_ref, pl.ds(c * quarter, quarter), acc[c])  # [Gp, Q]
+            store(pl.ds(c * quarter, quarter), acc[c])  # [Gp, Q]
     else:
-        store(o_ref, slice(None), acc[0])  # [Gp, D]
+        store(slice(None), acc[0])  # [Gp, D]
     vec_mask = None if row_mask is None else row_mask[:, 0]
     plt.store(m_ref, m, mask=vec_mask)
     plt.store(l_ref, l, mask=vec_mask)
@@ -513,7 +544,7 @@ def supports(q: jax.Array, k: Store, v: Store) -> bool:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sliding_window", "block_s", "num_splits", "num_warps", "num_stages", "scales_ahead",
+    static_argnames=("sliding_window", "block_s", "num_splits", "num_warps", "num_stages", "scales_ahead", "transposed",
                      "interpret"),
 )
 def flash_decode(
@@ -528,6 +559,7 @@ def flash_decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     scales_ahead: int | None = None,
+    transposed: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of one query token per sequence over its KV cache.
@@ -539,8 +571,8 @@ def flash_decode(
       q_positions: [B] int32; the query at p sees slots s <= p (and s > p -
         sliding_window); -1 marks a padding row (finite output, value unused).
       sliding_window: None (all) or the window length.
-      block_s, num_splits, num_warps, num_stages, scales_ahead: tuning knobs; None picks
-        `default_config` (num_splits from B, K and S to fill 132 SMs).
+      block_s, num_splits, num_warps, num_stages, scales_ahead, transposed: tuning knobs
+        (`Config`); None picks `default_config` (num_splits from B, K and S to fill 132 SMs).
       interpret: run the kernel in Pallas interpret mode (CPU tests).
     Returns:
       [B, H, D] in q's dtype.
@@ -549,8 +581,9 @@ def flash_decode(
     b, h, d = q.shape
     _, s, kv_heads, _ = _store_arrays(k)[0].shape
     g = h // kv_heads
-    gp = max(16, _pow2_ceil(g))
-    cfg = resolve_config(k_kind, v_kind, b, kv_heads, s, block_s, num_splits, num_warps, num_stages, scales_ahead)
+    cfg = resolve_config(k_kind, v_kind, b, kv_heads, s, block_s, num_splits, num_warps, num_stages, scales_ahead,
+                         transposed)
+    gp = max(8 if cfg.transposed else 16, _pow2_ceil(g))  # the mma's N (transposed) or M: >= 8 or 16
 
     def cache_spec(x):
         # The whole cache row of one (sequence, KV head); the kernel slices its blocks.
@@ -570,6 +603,7 @@ def flash_decode(
         sliding_window=sliding_window,
         sm_scale=d**-0.5,
         scales_ahead=bool(cfg.scales_ahead),
+        transposed=bool(cfg.transposed),
         interpret=interpret,
     )
     o, m, l = pl.pallas_call(
@@ -702,6 +736,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-warps", help=knob_help)
     parser.add_argument("--num-stages", help=knob_help)
     parser.add_argument("--scales-ahead", help=knob_help + " (1 or 0)")
+    parser.add_argument("--transposed", help=knob_help + " (1 or 0: scores as K . q^T)")
     parser.add_argument("--samples", type=int, default=30, help="timed runs; the median is reported")
     parser.add_argument("--calls", type=int, default=16, help="kernel calls per timed run (at least enough "
                         "cache copies to cycle through 256 MiB, so repeats do not hit L2)")
@@ -718,8 +753,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{copy_bw / 1e9:.0f} GB/s on {card}")
     h, kv_heads, d = args.heads, args.kv_heads, args.head_dim
     knob_sets = list(itertools.product(*map(_ints, (args.block_s, args.num_splits, args.num_warps, args.num_stages,
-                                                      args.scales_ahead))))
-    headers = ["B", "L", "format", "block_s", "splits", "warps", "stages", "ahead", "us", "GB/s", "% copy", "loop us",
+                                                      args.scales_ahead, args.transposed))))
+    headers = ["B", "L", "format", "block_s", "splits", "warps", "stages", "ahead", "T", "us", "GB/s", "% copy", "loop us",
                "loop % copy", "busy us", "busy % copy", "XLA us", "XLA GB/s", "x XLA", "max|err| vs XLA"]
     rows, best = [], {}
     key = jax.random.key(0)
@@ -759,7 +794,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             err = "-" if expected is None else f"{float(jnp.max(jnp.abs(got - expected))):.1e}"
             rows.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
-                         cfg.scales_ahead,
+                         cfg.scales_ahead, cfg.transposed,
                          f"{t * 1e6:.1f}", f"{nbytes / t / 1e9:.0f}", f"{100 * nbytes / t / copy_bw:.0f}",
                          f"{t_loop * 1e6:.1f}", f"{100 * nbytes / t_loop / copy_bw:.0f}",
                          "-" if busy is None else f"{busy * 1e6:.1f}",
@@ -786,10 +821,10 @@ def main(argv: list[str] | None = None) -> None:
         for (b, length, fmt_name), (t, cfg) in best.items():
             base = best.get((b, length, "bf16"))
             summary.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
-                            cfg.scales_ahead,
+                            cfg.scales_ahead, cfg.transposed,
                             f"{t * 1e6:.1f}", f"{100 * _cache_bytes(b, length, fmt_name, kv_heads, d) / t / copy_bw:.0f}",
                             "-" if base is None else f"{base[0] / t:.2f}"])
-        print(common.format_table(["B", "L", "format", "block_s", "splits", "warps", "stages", "ahead", "us", "% copy",
+        print(common.format_table(["B", "L", "format", "block_s", "splits", "warps", "stages", "ahead", "T", "us", "% copy",
                                    "x bf16"], summary))
 
 

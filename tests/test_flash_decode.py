@@ -119,9 +119,10 @@ def oracle(q, k, v, pos, sliding_window):
 MODES = ["interpret"] + (["gpu"] if on_gpu() else [])
 
 
+@pytest.mark.parametrize("transposed", [0, 1])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_float32_oracle(case: Case, mode: str):
+def test_matches_float32_oracle(case: Case, mode: str, transposed: int):
     seed = CASES.index(case)
     b, h, d = len(case.positions), case.kv_heads * case.g, case.head_dim
     k, v = make_stores(case.kv_format, *random_kv((b, case.max_len, case.kv_heads, d), seed))
@@ -132,7 +133,7 @@ def test_matches_float32_oracle(case: Case, mode: str):
 
     out = fd.flash_decode(
         q, k, v, pos, sliding_window=case.sliding_window, block_s=case.block_s,
-        num_splits=case.num_splits, interpret=mode == "interpret",
+        num_splits=case.num_splits, transposed=transposed, interpret=mode == "interpret",
     )
     assert out.shape == (b, h, d) and out.dtype == q_dtype
     out = np.asarray(out.astype(jnp.float32))
@@ -251,10 +252,12 @@ def _assert_lowers(kv_format: str, batch: int, max_len: int, heads: int, kv_head
 @pytest.mark.parametrize("kv_format", FORMATS)
 def test_defaults_lower_to_triton(kv_format, head_dim):
     """The shipped defaults for Llama-3.x shapes (32 query heads, 8 KV heads) at the
-    sweep's batch sizes and lengths; a cache length no block size divides; a window."""
+    sweep's batch sizes and lengths; a cache length no block size divides; a window; the
+    transposed orientation (its N = 8 dots)."""
     for batch, max_len in ((1, 32768), (8, 131072), (1, 1000)):
         _assert_lowers(kv_format, batch, max_len, 32, 8, head_dim)
     _assert_lowers(kv_format, 2, 4096, 32, 8, head_dim, sliding_window=1024)
+    _assert_lowers(kv_format, 1, 32768, 32, 8, head_dim, transposed=1)
 
 
 @pytest.mark.parametrize("block_s", [64, 128, 256])
