@@ -204,13 +204,11 @@ def busy_ns(spans: list[tuple[int, int]]) -> int:
     return busy
 
 
-def device_busy_seconds(call: Callable[[], Any], reps: int = 3) -> float | None:
-    """Seconds the GPU spends running kernels and copies per `call()`, from a
-    `jax.profiler` trace of `reps` calls (after one untimed call): the union of the event
-    intervals on the device's stream lines, divided by `reps`. None where the trace has no
-    GPU plane (the CPU). Host dispatch and launch gaps are not counted, which a wall-clock
-    time keeps: side by side the two separate kernel time from per-call overhead. XLA runs
-    without command buffers while profiling, which changes the gaps, not the kernels."""
+def device_kernel_events(call: Callable[[], Any], reps: int = 1) -> list[tuple[str, int, int]] | None:
+    """(name, start ns, duration ns) of every kernel and copy on the device's stream lines
+    in a `jax.profiler` trace of `reps` calls of `call()` (after one untimed call); None
+    where the trace has no GPU plane (the CPU). XLA runs without command buffers while
+    profiling, which changes the gaps between kernels, not the kernels."""
     if jax.default_backend() != "gpu":
         return None
     jax.block_until_ready(call())
@@ -222,11 +220,35 @@ def device_busy_seconds(call: Callable[[], Any], reps: int = 3) -> float | None:
         if not paths:
             return None
         data = jax.profiler.ProfileData.from_file(paths[0])
-    spans = [(ev.start_ns, ev.start_ns + ev.duration_ns)
-             for plane in data.planes if plane.name.startswith("/device:GPU:")
-             for line in plane.lines if line.name.startswith("Stream")
-             for ev in line.events]
-    return busy_ns(spans) / 1e9 / reps if spans else None
+    return [(ev.name, ev.start_ns, ev.duration_ns)
+            for plane in data.planes if plane.name.startswith("/device:GPU:")
+            for line in plane.lines if line.name.startswith("Stream")
+            for ev in line.events]
+
+
+def device_busy_seconds(call: Callable[[], Any], reps: int = 3) -> float | None:
+    """Seconds the GPU spends running kernels and copies per `call()`: the union of the
+    intervals of `device_kernel_events` over `reps` calls, divided by `reps`; None off the
+    GPU. Host dispatch and launch gaps are not counted, which a wall-clock time keeps:
+    side by side the two separate kernel time from per-call overhead."""
+    events = device_kernel_events(call, reps)
+    if not events:
+        return None
+    return busy_ns([(start, start + dur) for _, start, dur in events]) / 1e9 / reps
+
+
+def kernel_table(events: list[tuple[str, int, int]], per: int) -> list[dict[str, Any]]:
+    """Events (name, start ns, duration ns) grouped by kernel name, slowest first: calls
+    and microseconds per unit (`per` units in the trace, e.g. decode steps) and
+    microseconds per call."""
+    total: dict[str, list[float]] = {}
+    for name, _, dur in events:
+        calls_ns = total.setdefault(name, [0, 0.0])
+        calls_ns[0] += 1
+        calls_ns[1] += dur
+    rows = [{"kernel": name, "calls_per": calls / per, "us_per": ns / 1e3 / per, "us_per_call": ns / 1e3 / calls}
+            for name, (calls, ns) in total.items()]
+    return sorted(rows, key=lambda r: -r["us_per"])
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -11,6 +11,7 @@
 #   bash bench/gpu_session.sh e    bf16 decode splits at batch 1, prefill attention at 4k, 16k, 64k
 #   bash bench/gpu_session.sh f    bf16 beside int8/int4 decode tuning at 128k (scale loads, block size), batch 1 and 8
 #   bash bench/gpu_session.sh g    the next knobs: int8 decode warps/blocks/stages, int4 transposed, append tiles
+#   bash bench/gpu_session.sh h    the batch-1 decode step of the 1B and 8B shapes, kernel by kernel (decode_profile.py)
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -60,6 +61,11 @@ case "${1:-}" in
     done
     step 200 qa_tiles python3 -m pallas_kernels.quantize_append --budget-s 150 --shapes 1,16384,8,128,32768 \
       --formats int8 int4-g64 --kv-formats int8 --block-t 8 16 32 --num-warps 4 8
+    ;;
+  h)
+    # Where the 1B draft's (and the 8B target's) batch-1 step goes, kernel by kernel.
+    step 200 profile_1b python3 bench/decode_profile.py --model 1b --out "$OUT/"
+    step 250 profile_8b python3 bench/decode_profile.py --model 8b --new-tokens 64 --out "$OUT/"
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \
