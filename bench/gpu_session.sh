@@ -65,6 +65,9 @@ case "${1:-}" in
   h)
     # Where the 1B draft's (and the 8B target's) batch-1 step goes, kernel by kernel.
     step 200 profile_1b python3 bench/decode_profile.py --model 1b --out "$OUT/"
+    # The q / k+v / o GEMVs run as XLA reduction fusions at ~2.2 TB/s: do Triton GEMMs do better?
+    XLA_FLAGS="--xla_gpu_triton_gemm_any=true" step 200 profile_1b_triton_gemm_any \
+      python3 bench/decode_profile.py --model 1b --top 12
     step 250 profile_8b python3 bench/decode_profile.py --model 8b --new-tokens 64 --out "$OUT/"
     ;;
   b)
