@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     b, n = args.batch, args.new_tokens
     tokens = jnp.ones((b, args.prompt_len), jnp.int32)  # [B, T]
     lengths = jnp.full((b,), args.prompt_len, jnp.int32)
-    kw = dict(sampling=SamplingParams(0.0, 0, 1.0), eos_ids=())
+    kw = {"sampling": SamplingParams(0.0, 0, 1.0), "eos_ids": ()}
 
     def fresh():  # a state after prefill, ready for n new tokens
         return jax.block_until_ready(prefill(params, cfg, tokens, lengths, jax.random.key(0), max_new_tokens=n,

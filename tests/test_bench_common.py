@@ -1,10 +1,15 @@
-"""The benchmarks' shared timing helpers (bench/common.py) that need no GPU to check."""
+"""The benchmarks' helpers that need no GPU to check: bench/common.py's timing and trace helpers, bench/decode_profile.py's report."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from bench.common import busy_ns, device_busy_seconds, device_kernel_events, kernel_table
+from bench.common import (
+    busy_ns,
+    device_busy_seconds,
+    device_kernel_events,
+    kernel_table,
+)
 
 
 def test_busy_ns_counts_overlapping_kernels_once():
