@@ -1,4 +1,5 @@
-"""The benchmarks' helpers that need no GPU to check: bench/common.py's timing and trace helpers, bench/decode_profile.py's report."""
+"""The benchmarks' helpers that need no GPU to check: bench/common.py's timing and trace
+helpers, bench/decode_profile.py's report."""
 
 from __future__ import annotations
 
