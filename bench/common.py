@@ -232,9 +232,12 @@ def device_busy_seconds(call: Callable[[], Any], reps: int = 3) -> float | None:
     GPU. Host dispatch and launch gaps are not counted, which a wall-clock time keeps:
     side by side the two separate kernel time from per-call overhead."""
     events = device_kernel_events(call, reps)
-    if not events:
-        return None
-    return busy_ns([(start, start + dur) for _, start, dur in events]) / 1e9 / reps
+    return events_busy_ns(events) / 1e9 / reps if events else None
+
+
+def events_busy_ns(events: list[tuple[str, int, int]]) -> int:
+    """`busy_ns` of (name, start ns, duration ns) events."""
+    return busy_ns([(start, start + dur) for _, start, dur in events])
 
 
 def kernel_table(events: list[tuple[str, int, int]], per: int) -> list[dict[str, Any]]:

@@ -49,7 +49,7 @@ def kernel_report(events: list[tuple[str, int, int]], steps: int, top: int) -> t
     """The printed tables and the JSON fields for a trace of `steps` decode steps."""
     rows = common.kernel_table(events, steps)
     families = common.kernel_table([(kind(name), s, d) for name, s, d in events], steps)
-    busy_us = common.busy_ns([(s, s + d) for _, s, d in events]) / 1e3 / steps
+    busy_us = common.events_busy_ns(events) / 1e3 / steps
 
     def table(first, rs):
         return common.format_table([first, "calls/step", "us/step", "us/call"], [

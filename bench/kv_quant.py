@@ -60,9 +60,10 @@ def time_loop(step, carry, *inputs, inner: int, reps: int) -> float:
     """Seconds per call of `step(carry, *inputs) -> carry`, run `inner` times in one jitted
     loop. The carry is donated; `inputs` (e.g. caches) are arguments, never closed over:
     as constants they would be baked into the executable."""
-    # The barrier keeps XLA from hoisting loop-invariant work (e.g. quantizing x) out of the loop.
-    body = lambda i, c, xs: step(jax.lax.optimization_barrier(c), *xs)  # noqa: E731
-    loop = jax.jit(lambda c, xs: jax.lax.fori_loop(0, inner, lambda i, c: body(i, c, xs), c), donate_argnums=0)
+    def run(c, xs):  # the barrier keeps XLA from hoisting loop-invariant work (e.g. quantizing x)
+        return jax.lax.fori_loop(0, inner, lambda i, c: step(jax.lax.optimization_barrier(c), *xs), c)
+
+    loop = jax.jit(run, donate_argnums=0)
     carry = jax.block_until_ready(loop(carry, inputs))
     times = []
     for _ in range(reps):

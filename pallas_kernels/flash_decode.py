@@ -354,17 +354,18 @@ def _flash_decode_kernel(
         k_group, k_chunk, k_chunks, k_n = int4_layout(k_refs)
         # Word column c*C.. of quarter e holds channels e*Q + c*C..; channel col is in group col // group.
         q_parts = {(e, c): load_q(pl.ds(col, k_chunk)).astype(qdt) for e, c, col in int4_parts(k_chunks, k_chunk)}
-        q_sum = [jnp.zeros((gp,), f32) for _ in range(k_n)]  # sum(q) per group, for the zero points
-        for e, c, col in int4_parts(k_chunks, k_chunk):
-            q_sum[col // k_group] += jnp.sum(q_parts[e, c].astype(f32), axis=1)
-        q_sum = [x * score_scale for x in q_sum]  # [Gp] each
-        # Quarters 1 and 3 arrive as 16 x their nibbles: their q parts carry the 1/16 (exact
-        # in fp16 for |q| >= 2^-10), so a group's dots add up; K arrives biased (see
-        # INT4_BIAS), removed once per score: q_bias[n] = bias * sum of group n's q parts.
-        q_parts = {(e, c): x * jnp.asarray(0.0625 if e % 2 else 1.0, qdt) for (e, c), x in q_parts.items()}
+        # Per group n: q_sum[n] = sum(q) (for the zero points, in score units) and q_bias[n] =
+        # bias * sum of its q parts as dotted: K arrives biased (see INT4_BIAS), removed once
+        # per score. Quarters 1 and 3 arrive as 16 x their nibbles, so their q parts carry the
+        # 1/16 (exact in fp16 for |q| >= 2^-10) and a group's dots add up.
+        q_sum = [jnp.zeros((gp,), f32) for _ in range(k_n)]
         q_bias = [jnp.zeros((gp,), f32) for _ in range(k_n)]
         for e, c, col in int4_parts(k_chunks, k_chunk):
+            q_sum[col // k_group] += jnp.sum(q_parts[e, c].astype(f32), axis=1)
+            if e % 2:
+                q_parts[e, c] = q_parts[e, c] * jnp.asarray(0.0625, qdt)
             q_bias[col // k_group] += INT4_BIAS * jnp.sum(q_parts[e, c].astype(f32), axis=1)
+        q_sum = [x * score_scale for x in q_sum]  # [Gp] each
     elif k_kind == "int8":
         q_quarters = [load_q(pl.ds(c * quarter, quarter)).astype(qdt) for c in range(4)]  # [Gp, Q] each
         q_bias = INT8_BIAS * sum(jnp.sum(x.astype(f32), axis=1) for x in q_quarters)  # [Gp]: bias * sum(q)
@@ -650,21 +651,19 @@ def flash_decode_reference(
 
 def _random_store(key, side: str, shape: tuple[int, ...], group: int) -> Store:
     """A store of kv_cache side format `side` (bf16, fp16, int8, int4) with random
-    contents for values of `shape` [B, S, K, D]; speed does not depend on the values."""
-    *lead, d = shape
+    contents for values of `shape` [B, S, K, D], its arrays shaped as
+    `kv_cache.empty_store`'s; speed does not depend on the values."""
+    like = jax.eval_shape(lambda: kv_cache.empty_store(side, shape, group))
     k1, k2, k3 = jax.random.split(key, 3)
-    if side in kv_cache.DENSE_DTYPES:
-        return Dense(jax.random.normal(k1, shape, kv_cache.DENSE_DTYPES[side]))
-    if side == "int8":
-        return Int8(
-            jax.random.bits(k1, (*lead, d // 4), jnp.uint32),
-            jax.random.uniform(k2, lead, kv_cache.SCALE_DTYPE, 0.005, 0.02),
-        )
-    n = d // group
+    if isinstance(like, Dense):
+        return Dense(jax.random.normal(k1, like.x.shape, like.x.dtype))
+    q = jax.random.bits(k1, like.q.shape, like.q.dtype)  # packed words
+    if isinstance(like, Int8):
+        return Int8(q, jax.random.uniform(k2, like.scale.shape, like.scale.dtype, 0.005, 0.02))
     return Int4(
-        jax.random.bits(k1, (*lead, d // 4), jnp.uint16),
-        jax.random.uniform(k2, (*lead, n), kv_cache.SCALE_DTYPE, 0.01, 0.2),
-        jax.random.uniform(k3, (*lead, n), kv_cache.SCALE_DTYPE, -1.5, -0.5),
+        q,
+        jax.random.uniform(k2, like.scale.shape, like.scale.dtype, 0.01, 0.2),
+        jax.random.uniform(k3, like.zero.shape, like.zero.dtype, -1.5, -0.5),
     )
 
 
@@ -833,8 +832,7 @@ def _cache_bytes(batch: int, length: int, fmt_name: str, kv_heads: int, head_dim
     fmt = kv_cache.parse_format(fmt_name)
     group = min(fmt.group, head_dim)
     shape = (batch, length, kv_heads, head_dim)
-    stores = jax.eval_shape(lambda: (_random_store(jax.random.key(0), fmt.k, shape, group),
-                                     _random_store(jax.random.key(1), fmt.v, shape, group)))
+    stores = jax.eval_shape(lambda: tuple(kv_cache.empty_store(side, shape, group) for side in (fmt.k, fmt.v)))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(stores))
 
 
