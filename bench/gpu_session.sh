@@ -12,6 +12,7 @@
 #   bash bench/gpu_session.sh f    bf16 beside int8/int4 decode tuning at 128k (scale loads, block size), batch 1 and 8
 #   bash bench/gpu_session.sh g    the next knobs: int8 decode warps/blocks/stages, int4 transposed, append tiles
 #   bash bench/gpu_session.sh h    the batch-1 decode step of the 1B and 8B shapes, kernel by kernel (decode_profile.py)
+#   bash bench/gpu_session.sh i    the fused norm + q/k/v + RoPE kernel: its tests compiled, its sweep beside XLA, the 1B step
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -69,6 +70,11 @@ case "${1:-}" in
     XLA_FLAGS="--xla_gpu_triton_gemm_any=true" step 200 profile_1b_triton_gemm_any \
       python3 bench/decode_profile.py --model 1b --top 12
     step 250 profile_8b python3 bench/decode_profile.py --model 8b --new-tokens 64 --out "$OUT/"
+    ;;
+  i)
+    step 120 norm_qkv_tests python3 -m pytest -q -p no:cacheprovider tests/test_norm_qkv.py
+    step 200 norm_qkv_sweep python3 -m pallas_kernels.norm_qkv --rows 1,5 --block-e 128,256,512
+    step 200 profile_1b python3 bench/decode_profile.py --model 1b --out "$OUT/"
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \
