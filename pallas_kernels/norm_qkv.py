@@ -8,10 +8,12 @@ streams the three weight matrices once and writes q, k and v rotated.
 
     x [M, E] --RMSNorm(scale)--> xn --@ w_q, w_k, w_v (+ bias)--> RoPE(q, k) --> q, k, v
 
-Rounding follows the XLA path of `ollm_jax.model` step by step (normalise in f32, cast
-to x's dtype, scale; the GEMV accumulates in f32 and rounds once; bias and every RoPE
-multiply and add round to x's dtype), so the two differ only by the GEMV's summation
-order; `norm_qkv_rope_reference` is that XLA path.
+One pass over x: the GEMV takes x * scale (rounded to x's dtype once) and the RMSNorm
+factor rsqrt(mean(x^2) + eps), summed in the same loop, multiplies the f32 result. The
+XLA path of `ollm_jax.model` (`norm_qkv_rope_reference`) rounds the normalised x and
+then its scaled value, so the two differ by one rounding of each term and the GEMV's
+summation order; from the GEMV's rounded result on (bias, every RoPE product and sum,
+each rounded to x's dtype) the steps are the same.
 
 Layout: the weights stay as stored ([E, heads, D]; viewed as [E, heads * D], which is
 free). RoPE pairs channel j with j + D/2, so a program owns BP channel pairs of one head:
@@ -71,35 +73,28 @@ def _kernel(x_ref, scale_ref, pos_ref, inv_ref, wq_ref, wk_ref, wv_ref, *rest, h
 
     rows = jnp.arange(block_m, dtype=jnp.int32)  # [BM]
     row_ok = rows < m
-
-    def x_chunk(e0):  # [BM, BE] f32, rows past M zero
-        return plt.load(x_ref.at[pl.ds(0, block_m), pl.ds(e0, block_e)], mask=row_ok[:, None], other=0).astype(f32)
-
-    def sum_squares(i, acc):  # [BM]
-        xc = x_chunk(i * block_e)
-        return acc + jnp.sum(xc * xc, axis=1)
-
     steps = e // block_e
-    ss = lax.fori_loop(0, steps, sum_squares, jnp.zeros((block_m,), f32))
-    r = lax.rsqrt(ss / e + eps)[:, None]  # [BM, 1]
 
     def project(w_ref, b_ref, out_ref, n, rotate: bool):
         """Head n of one weight (q, k or v): channel pairs [j0, j0 + BP)."""
         c1 = n * d + j0  # first-half columns [c1, c1 + BP); second half + D/2
 
-        def body(i, carry):
-            a1, a2 = carry
+        def body(i, carry):  # one pass: the GEMV of x * scale and x's sum of squares
+            a1, a2, ss = carry
             e0 = i * block_e
-            xn = _round(x_chunk(e0) * r, dt) * scale_ref[pl.ds(e0, block_e)].astype(f32)  # [BM, BE]
-            xn = xn.astype(dt)
+            xc = plt.load(x_ref.at[pl.ds(0, block_m), pl.ds(e0, block_e)], mask=row_ok[:, None],
+                          other=0).astype(f32)  # [BM, BE]
+            xs = (xc * scale_ref[pl.ds(e0, block_e)].astype(f32)[None, :]).astype(dt)
             t1 = w_ref[pl.ds(e0, block_e), pl.ds(c1, block_p)]  # [BE, BP]
             t2 = w_ref[pl.ds(e0, block_e), pl.ds(c1 + half, block_p)]
-            return (a1 + jnp.dot(xn, t1, preferred_element_type=f32),
-                    a2 + jnp.dot(xn, t2, preferred_element_type=f32))  # [BM, BP] each
+            return (a1 + jnp.dot(xs, t1, preferred_element_type=f32),
+                    a2 + jnp.dot(xs, t2, preferred_element_type=f32),  # [BM, BP] each
+                    ss + jnp.sum(xc * xc, axis=1))  # [BM]
 
         zeros = jnp.zeros((block_m, block_p), f32)
-        a1, a2 = lax.fori_loop(0, steps, body, (zeros, zeros))
-        y1, y2 = _round(a1, dt), _round(a2, dt)  # the GEMV's result in x's dtype
+        a1, a2, ss = lax.fori_loop(0, steps, body, (zeros, zeros, jnp.zeros((block_m,), f32)))
+        r = lax.rsqrt(ss / e + eps)[:, None]  # [BM, 1]: RMSNorm's factor, applied after the sum
+        y1, y2 = _round(a1 * r, dt), _round(a2 * r, dt)  # the GEMV's result in x's dtype
         if b_ref is not None:
             y1 = _round(y1 + b_ref[pl.ds(c1, block_p)].astype(f32)[None, :], dt)
             y2 = _round(y2 + b_ref[pl.ds(c1 + half, block_p)].astype(f32)[None, :], dt)

@@ -102,7 +102,6 @@ def test_model_decode_step_through_the_kernel(kv_format):
                                    params["layers_0"]["attn"]["w_q"], params["layers_0"]["attn"]["w_k"])
     got, got_cache = model.forward(params, cfg, step_tokens, step_pos, cache, attention_impl="pallas")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0.03, atol=0.03 * float(jnp.abs(want).max()))
-    assert (jnp.argmax(got, -1) == jnp.argmax(want, -1)).all()
     for g, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
         g, w = np.asarray(g).astype(np.float32), np.asarray(w).astype(np.float32)
         assert g.shape == w.shape
