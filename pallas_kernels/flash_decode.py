@@ -123,17 +123,20 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
     on an H200 at 128k that measured 79-82 us of GPU time at batch 1 (as with the scales
     a block ahead) and 593 against 634 us at batch 8, where 128-slot blocks took 89-123
     us at batch 1 (bench/results/2026-11-27-h200-kv_quant-status.md, sessions 3 and 4).
-    int4 keeps 128-slot blocks, 2 stages and its scales a block ahead (93-101 us against
-    97-118 us for 64 slots, batch 1). Splits: PROGRAMS_PER_SM, PROGRAMS_PER_SM_QUANT."""
+    int4 keeps 128-slot blocks and 2 stages (93-101 us against 97-118 us for 64 slots,
+    batch 1), with scores transposed (K . q^T) and its scales in their own block: 86.5
+    against 90.9 us at batch 1 and 567 against 596 us at batch 8 (session 5; a block
+    ahead, 92-93 and 604-625 us). Splits: PROGRAMS_PER_SM, PROGRAMS_PER_SM_QUANT."""
     int8 = k_kind == v_kind == "int8"
+    int4 = k_kind == v_kind == "int4"
     block_s = min(64 if int8 else 128, max(16, _pow2_ceil(max_len)))
     return Config(
         block_s=block_s,
         num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind)),
         num_warps=4,
         num_stages=3 if int8 else 2,
-        scales_ahead=0 if int8 else 1,
-        transposed=0,
+        scales_ahead=0 if int8 or int4 else 1,
+        transposed=1 if int4 else 0,
     )
 
 

@@ -1,19 +1,25 @@
-"""Fused decode projection: RMSNorm, the q/k/v GEMVs and RoPE in one kernel.
+"""Fused decode projection: RMSNorm, the q/k/v GEMVs and RoPE in one kernel (measured,
+not dispatched).
 
 In a decode step (a few rows: batch x new tokens) each of these is a tiny kernel, and a
 small model pays for launches and tails more than for bytes: on an H200 the Llama-3.2-1B
-step ran the norm's reduction, its scale, the q and the k+v GEMVs and two RoPE fusions
-as six kernels a layer (about 15 us of 63). Here one launch reads x, normalises it,
-streams the three weight matrices once and writes q, k and v rotated.
+step runs the norm's reduction, its scale, the q and the k+v GEMVs and two RoPE fusions
+as six kernels a layer (about 13 us). This kernel does it in one launch: it reads x,
+normalises it, streams the three weight matrices once and writes q, k and v rotated.
 
     x [M, E] --RMSNorm(scale)--> xn --@ w_q, w_k, w_v (+ bias)--> RoPE(q, k) --> q, k, v
 
-One pass over x: the GEMV takes x * scale (rounded to x's dtype once) and the RMSNorm
-factor rsqrt(mean(x^2) + eps), summed in the same loop, multiplies the f32 result. The
-XLA path of `ollm_jax.model` (`norm_qkv_rope_reference`) rounds the normalised x and
-then its scaled value, so the two differ by one rounding of each term and the GEMV's
-summation order; from the GEMV's rounded result on (bias, every RoPE product and sum,
-each rounded to x's dtype) the steps are the same.
+Status (H200, 2026-11-27, `bench/results/2026-11-27-h200-speculative-shapes.md`): at the
+1B shape it takes 14.3 us a call inside the decode step (0.88 TB/s of its 12.6 MB), no
+faster than the six XLA kernels it replaces, so the model does not call it. Its 96
+programs of two [BE, 16] weight tiles are too few and too narrow to stream at the
+memory's speed; a split over E (partial sums combined by the last program) is the next
+version to try.
+
+Rounding follows the XLA path of `ollm_jax.model` step by step (normalise in f32, cast
+to x's dtype, scale; the GEMV accumulates in f32 and rounds once; bias and every RoPE
+multiply and add round to x's dtype), so the two differ only by the GEMV's summation
+order; `norm_qkv_rope_reference` is that XLA path.
 
 Layout: the weights stay as stored ([E, heads, D]; viewed as [E, heads * D], which is
 free). RoPE pairs channel j with j + D/2, so a program owns BP channel pairs of one head:
@@ -73,28 +79,35 @@ def _kernel(x_ref, scale_ref, pos_ref, inv_ref, wq_ref, wk_ref, wv_ref, *rest, h
 
     rows = jnp.arange(block_m, dtype=jnp.int32)  # [BM]
     row_ok = rows < m
+
+    def x_chunk(e0):  # [BM, BE] f32, rows past M zero
+        return plt.load(x_ref.at[pl.ds(0, block_m), pl.ds(e0, block_e)], mask=row_ok[:, None], other=0).astype(f32)
+
+    def sum_squares(i, acc):  # [BM]
+        xc = x_chunk(i * block_e)
+        return acc + jnp.sum(xc * xc, axis=1)
+
     steps = e // block_e
+    ss = lax.fori_loop(0, steps, sum_squares, jnp.zeros((block_m,), f32))
+    r = lax.rsqrt(ss / e + eps)[:, None]  # [BM, 1]
 
     def project(w_ref, b_ref, out_ref, n, rotate: bool):
         """Head n of one weight (q, k or v): channel pairs [j0, j0 + BP)."""
         c1 = n * d + j0  # first-half columns [c1, c1 + BP); second half + D/2
 
-        def body(i, carry):  # one pass: the GEMV of x * scale and x's sum of squares
-            a1, a2, ss = carry
+        def body(i, carry):
+            a1, a2 = carry
             e0 = i * block_e
-            xc = plt.load(x_ref.at[pl.ds(0, block_m), pl.ds(e0, block_e)], mask=row_ok[:, None],
-                          other=0).astype(f32)  # [BM, BE]
-            xs = (xc * scale_ref[pl.ds(e0, block_e)].astype(f32)[None, :]).astype(dt)
+            xn = _round(x_chunk(e0) * r, dt) * scale_ref[pl.ds(e0, block_e)].astype(f32)  # [BM, BE]
+            xn = xn.astype(dt)
             t1 = w_ref[pl.ds(e0, block_e), pl.ds(c1, block_p)]  # [BE, BP]
             t2 = w_ref[pl.ds(e0, block_e), pl.ds(c1 + half, block_p)]
-            return (a1 + jnp.dot(xs, t1, preferred_element_type=f32),
-                    a2 + jnp.dot(xs, t2, preferred_element_type=f32),  # [BM, BP] each
-                    ss + jnp.sum(xc * xc, axis=1))  # [BM]
+            return (a1 + jnp.dot(xn, t1, preferred_element_type=f32),
+                    a2 + jnp.dot(xn, t2, preferred_element_type=f32))  # [BM, BP] each
 
         zeros = jnp.zeros((block_m, block_p), f32)
-        a1, a2, ss = lax.fori_loop(0, steps, body, (zeros, zeros, jnp.zeros((block_m,), f32)))
-        r = lax.rsqrt(ss / e + eps)[:, None]  # [BM, 1]: RMSNorm's factor, applied after the sum
-        y1, y2 = _round(a1 * r, dt), _round(a2 * r, dt)  # the GEMV's result in x's dtype
+        a1, a2 = lax.fori_loop(0, steps, body, (zeros, zeros))
+        y1, y2 = _round(a1, dt), _round(a2, dt)  # the GEMV's result in x's dtype
         if b_ref is not None:
             y1 = _round(y1 + b_ref[pl.ds(c1, block_p)].astype(f32)[None, :], dt)
             y2 = _round(y2 + b_ref[pl.ds(c1 + half, block_p)].astype(f32)[None, :], dt)
@@ -256,14 +269,14 @@ def _bench(argv=None):  # pragma: no cover - GPU only
                          jax.random.randint(ks[5], (m,), 0, 100_000)))
         inv = 500000.0 ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
         nbytes = (h + 2 * k) * d * e * 2
-        ref = jax.jit(lambda s: [norm_qkv_rope_reference(*a, inv, eps=1e-5) for a in s])
+        ref = jax.jit(lambda s, inv=inv: [norm_qkv_rope_reference(*a, inv, eps=1e-5) for a in s])
         want = ref(sets)[0]
         runs = [("xla", None, ref)]
         for bp, be, w, st in itertools.product(*map(ints, (args.block_p, args.block_e, args.num_warps,
                                                             args.num_stages))):
             fn = functools.partial(norm_qkv_rope, eps=1e-5, block_p=bp, block_e=be, num_warps=w, num_stages=st,
                                    interpret=args.interpret)
-            runs.append(("pallas", (bp, be, w, st), jax.jit(lambda s, fn=fn: [fn(*a, inv) for a in s])))
+            runs.append(("pallas", (bp, be, w, st), jax.jit(lambda s, fn=fn, inv=inv: [fn(*a, inv) for a in s])))
         for impl, knobs, run in runs:
             try:
                 got = run(sets)[0]
@@ -271,7 +284,7 @@ def _bench(argv=None):  # pragma: no cover - GPU only
                 print(f"{shape} M={m} {knobs}: {type(exc).__name__}: {str(exc)[:120]}")
                 continue
             err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))) for g, r in zip(got, want))
-            busy = common.device_busy_seconds(lambda: run(sets), reps=3)
+            busy = common.device_busy_seconds(lambda run=run, sets=sets: run(sets), reps=3)
             us = None if busy is None else busy / args.copies * 1e6
             rows.append([shape, m, impl, *(knobs or ["-"] * 4), "-" if us is None else f"{us:.2f}",
                          "-" if us is None else f"{nbytes / us / 1e3:.0f}",
