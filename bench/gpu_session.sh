@@ -13,6 +13,7 @@
 #   bash bench/gpu_session.sh g    the next knobs: int8 decode warps/blocks/stages, int4 transposed, append tiles
 #   bash bench/gpu_session.sh h    the batch-1 decode step of the 1B and 8B shapes, kernel by kernel (decode_profile.py)
 #   bash bench/gpu_session.sh i    the fused norm + q/k/v + RoPE kernel: its tests compiled, its sweep beside XLA, the 1B step
+#   bash bench/gpu_session.sh j    kernel tests compiled, the 128k decode defaults (int4 transposed), append at 4 and 8 warps
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -75,6 +76,14 @@ case "${1:-}" in
     step 120 norm_qkv_tests python3 -m pytest -q -p no:cacheprovider tests/test_norm_qkv.py
     step 200 norm_qkv_sweep python3 -m pallas_kernels.norm_qkv --rows 1,5 --block-e 128,256,512
     step 200 profile_1b python3 bench/decode_profile.py --model 1b --out "$OUT/"
+    ;;
+  j)
+    step 150 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py tests/test_quantize_append.py \
+      tests/test_norm_qkv.py
+    step 100 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 \
+      --formats bf16,int8,int4 --samples 10 --calls 4 --no-reference
+    step 200 qa_warps python3 -m pallas_kernels.quantize_append --budget-s 150 --shapes 1,16384,8,128,32768 \
+      2,2048,32,64,4096 --formats int8 int4-g64 --kv-formats int8 --block-t 4 8 --num-warps 4 8
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \
