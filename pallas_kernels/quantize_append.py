@@ -57,10 +57,13 @@ from ollm_jax.kv_cache import (INV15, INV127, SCALE_DTYPE, Dense, Int4, Int8, La
 _RINT_MAGIC = np.float32(1.5 * 2**23)
 _RINT_MAGIC_BITS = int(_RINT_MAGIC.view(np.int32))
 
-# Defaults (tunable per call): a program moves a [block_t, heads, D] tile of about
-# DEFAULT_TILE_ELEMS values; heads is the largest power of 2 dividing K with
-# heads * D <= DEFAULT_ROW_ELEMS (all 8 heads of Llama-3.1-8B, D = 128).
-DEFAULT_TILE_ELEMS = 8192
+# Defaults (tunable per call): a program moves a [block_t, heads, D] tile of
+# DEFAULT_BLOCK_T tokens; heads is the largest power of 2 dividing K with
+# heads * D <= DEFAULT_ROW_ELEMS (all 8 heads of Llama-3.1-8B, D = 128). On an H200
+# (session 5, `-s5-d-qa_warps.log`) 4 tokens a program moved a 16k-token append at
+# Llama-3.1-8B heads in 15.9 us (int8; 8 tokens: 18.4) and K+V in 28.9 us (35.0); on the
+# seed's shape [2, 32, 2048, 64] (4 tokens x 32 heads) int8 took 7.4 us either way.
+DEFAULT_BLOCK_T = 4
 DEFAULT_ROW_ELEMS = 2048
 DEFAULT_NUM_WARPS = 4
 
@@ -207,7 +210,7 @@ def default_config(t: int, k: int, d: int) -> dict[str, int]:
     heads = k & -k  # the largest power of 2 dividing K
     while heads > 1 and heads * d > DEFAULT_ROW_ELEMS:
         heads //= 2
-    block_t = min(max(1, DEFAULT_TILE_ELEMS // (heads * d)), pl.next_power_of_2(t))
+    block_t = min(DEFAULT_BLOCK_T, pl.next_power_of_2(t))
     return {"block_t": block_t, "heads": heads, "num_warps": DEFAULT_NUM_WARPS}
 
 
@@ -226,7 +229,7 @@ def _append_call(stores, xs, start, count, *, block_t, heads, num_warps, num_sta
         raise ValueError(f"{heads=} must be a power of 2 dividing the {k} KV heads")
     cfg = default_config(t, k, d)
     heads = heads or cfg["heads"]
-    block_t = min(block_t or max(1, DEFAULT_TILE_ELEMS // (heads * d)), pl.next_power_of_2(t))
+    block_t = min(block_t or DEFAULT_BLOCK_T, pl.next_power_of_2(t))
     num_warps = num_warps or cfg["num_warps"]
     flat = [a for lv in leaves for a in lv]
     n_in = 2 + len(xs)  # start, count, xs
@@ -272,8 +275,8 @@ def quantize_append(
       x: [B, T, K, D] new values (bf16/fp16/fp32, finite).
       start: [B] int32 >= 0, the position of x[b, 0].
       count: [B] int32 in [0, T], valid tokens of each row (the rest is padding).
-      block_t: new tokens per program (power of 2; default DEFAULT_TILE_ELEMS //
-        (heads * D), at most T rounded up to a power of 2).
+      block_t: new tokens per program (power of 2; default DEFAULT_BLOCK_T, at most T
+        rounded up to a power of 2).
       heads: KV heads per program (a power of 2 dividing K; default `default_config`).
       num_warps, num_stages: Triton launch parameters (default num_warps:
         DEFAULT_NUM_WARPS; the kernel has no loop, so num_stages changes nothing).
@@ -442,8 +445,6 @@ def _bench(args):  # pragma: no cover - GPU only
         for knobs in [{}] + configs:  # {}: the defaults
             cfg = {**default_config(t, k, d), "num_stages": 1}
             cfg.update({key: val for key, val in knobs.items() if val is not None})
-            if knobs.get("heads") and knobs.get("block_t") is None:  # default tile size
-                cfg["block_t"] = max(1, DEFAULT_TILE_ELEMS // (cfg["heads"] * d))
             cfg["block_t"] = min(cfg["block_t"], pl.next_power_of_2(t))
             key = tuple(sorted(cfg.items()))
             tile = cfg["block_t"] * cfg["heads"] * d
