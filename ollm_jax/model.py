@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from ollm_jax import attention, kv_cache
 from ollm_jax.config import ModelConfig
 from ollm_jax.patterns import Pattern
+from pallas_kernels import on_gpu
 
 Params = dict[str, Any]
 
@@ -52,21 +53,22 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
 _dense_init = nn.initializers.normal(stddev=0.02)
 
 
-class RMSNorm(nn.Module):
-    cfg: ModelConfig
-    dim: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = _param(self, "scale", (self.dim,), ("norm",), nn.initializers.ones)
-        return rms_norm(x, scale, self.cfg.rms_norm_eps)
-
-
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis, as Hugging Face: normalise in float32, cast back, scale."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return scale * normed.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+    dim: int
+
+    def setup(self):
+        self.scale = _param(self, "scale", (self.dim,), ("norm",), nn.initializers.ones)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.scale, self.cfg.rms_norm_eps)
 
 
 @functools.lru_cache(maxsize=64)
@@ -97,13 +99,18 @@ def _inv_frequencies(cfg: ModelConfig) -> tuple[float, ...]:
     return tuple(out)
 
 
+def inv_frequencies(cfg: ModelConfig) -> jax.Array:
+    """The config's RoPE inverse frequencies [D/2] f32 (scaling applied)."""
+    return jnp.asarray(_inv_frequencies(cfg), jnp.float32)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Rotate-half RoPE (Hugging Face layout) with the config's frequencies."""
-    return rope(x, positions, jnp.asarray(_inv_frequencies(cfg), jnp.float32))
+    return rope(x, positions, inv_frequencies(cfg))
 
 
 def rope(x: jax.Array, positions: jax.Array, inv: jax.Array) -> jax.Array:
-    """Rotate-half RoPE. x [B, T, N, D], positions [B, T], inv [D/2] f32 inverse frequencies."""
+    """Rotate-half RoPE. x [B, T, N, D], positions [B, T], inv [D/2] f32."""
     angles = positions.astype(jnp.float32)[:, :, None] * inv  # [B, T, D/2]
     cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)  # [B, T, 1, D/2]
     sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
@@ -115,30 +122,48 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache, attn: AttentionOptions):
+    def __call__(self, x, norm: RMSNorm, positions, layer_cache, attn: AttentionOptions):
+        """x [B, T, E] the residual stream, normalised here by `norm` (its owner is the
+        block; the fused decode kernel reads its scale)."""
         cfg = self.cfg
         e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        b, t = x.shape[:2]
         w_q = _param(self, "w_q", (e, h, d), ("embed", "q_heads", "head_dim"), _dense_init)
         w_k = _param(self, "w_k", (e, k, d), ("embed", "kv_heads", "head_dim"), _dense_init)
         w_v = _param(self, "w_v", (e, k, d), ("embed", "kv_heads", "head_dim"), _dense_init)
         # [E, H, D]: the decode GEMV reduces over the minor (H, D) axes, a row reduction XLA
         # fuses with its multiply; as [H, D, E] it wrote an [H, D, E] temporary per layer.
         w_o = _param(self, "w_o", (e, h, d), ("embed", "q_heads", "head_dim"), _dense_init)
-
-        q = jnp.einsum("bte,ehd->bthd", x, w_q)  # [B, T, H, D]
-        k_new = jnp.einsum("bte,ekd->btkd", x, w_k)  # [B, T, K, D]
-        v_new = jnp.einsum("bte,ekd->btkd", x, w_v)  # [B, T, K, D]
+        biases = None
         if cfg.qkv_bias:
-            q = q + _param(self, "b_q", (h, d), ("q_heads", "head_dim"), nn.initializers.zeros)
-            k_new = k_new + _param(self, "b_k", (k, d), ("kv_heads", "head_dim"), nn.initializers.zeros)
-            v_new = v_new + _param(self, "b_v", (k, d), ("kv_heads", "head_dim"), nn.initializers.zeros)
-        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim, before RoPE.
-            q = RMSNorm(cfg, d, name="q_norm")(q)
-            k_new = RMSNorm(cfg, d, name="k_norm")(k_new)
-        q = apply_rope(q, positions, cfg)
-        k_new = apply_rope(k_new, positions, cfg)
+            biases = (_param(self, "b_q", (h, d), ("q_heads", "head_dim"), nn.initializers.zeros),
+                      _param(self, "b_k", (k, d), ("kv_heads", "head_dim"), nn.initializers.zeros),
+                      _param(self, "b_v", (k, d), ("kv_heads", "head_dim"), nn.initializers.zeros))
 
-        layer_cache = kv_cache.write(layer_cache, k_new, v_new, positions, impl=attn.impl)
+        write_impl = attn.impl
+        if _fused_projection(attn.impl, cfg, x, w_q, w_k):
+            from pallas_kernels import norm_qkv  # the kernels import this package
+
+            q, k_new, v_new = norm_qkv.norm_qkv_rope(
+                x.reshape(b * t, e), norm.scale, w_q, w_k, w_v, positions.reshape(b * t), inv_frequencies(cfg),
+                biases, eps=cfg.rms_norm_eps, interpret=not on_gpu(),
+            )  # [B*T, H, D], [B*T, K, D] x 2
+            q, k_new, v_new = (y.reshape(b, t, *y.shape[1:]) for y in (q, k_new, v_new))
+            write_impl = "pallas"  # K and V in one append launch, dense stores too
+        else:
+            xn = norm(x)  # [B, T, E]
+            q = jnp.einsum("bte,ehd->bthd", xn, w_q)  # [B, T, H, D]
+            k_new = jnp.einsum("bte,ekd->btkd", xn, w_k)  # [B, T, K, D]
+            v_new = jnp.einsum("bte,ekd->btkd", xn, w_v)  # [B, T, K, D]
+            if biases is not None:
+                q, k_new, v_new = q + biases[0], k_new + biases[1], v_new + biases[2]
+            if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim, before RoPE.
+                q = RMSNorm(cfg, d, name="q_norm")(q)
+                k_new = RMSNorm(cfg, d, name="k_norm")(k_new)
+            q = apply_rope(q, positions, cfg)
+            k_new = apply_rope(k_new, positions, cfg)
+
+        layer_cache = kv_cache.write(layer_cache, k_new, v_new, positions, impl=write_impl)
         out = attention.attend(
             q, layer_cache, positions, sliding_window=cfg.sliding_window, pattern=attn.pattern,
             q_offset=attn.q_offset, impl=attn.impl,
@@ -147,6 +172,18 @@ class Attention(nn.Module):
         if cfg.o_bias:
             out = out + _param(self, "b_o", (e,), ("embed",), nn.initializers.zeros)
         return out, layer_cache
+
+
+def _fused_projection(impl: str, cfg: ModelConfig, x: jax.Array, w_q: jax.Array, w_k: jax.Array) -> bool:
+    """Whether the q/k/v projection runs as the fused Pallas kernel (`pallas_kernels.norm_qkv`):
+    decode-sized steps (B x T <= its MAX_ROWS) on a GPU under "auto", or in interpret mode
+    under "pallas"; not with Qwen3's qk-norm (between the GEMV and RoPE)."""
+    if cfg.qk_norm or impl not in ("auto", "pallas") or (impl == "auto" and not on_gpu()):
+        return False
+    from pallas_kernels import norm_qkv
+
+    b, t, e = x.shape
+    return norm_qkv.supports(x.reshape(b * t, e), w_q, w_k)
 
 
 class MLP(nn.Module):
@@ -170,7 +207,7 @@ class Block(nn.Module):
     def __call__(self, x, positions, layer_cache, attn: AttentionOptions):
         e = self.cfg.hidden_size
         attn_out, layer_cache = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, e, name="attn_norm")(x), positions, layer_cache, attn
+            x, RMSNorm(self.cfg, e, name="attn_norm"), positions, layer_cache, attn
         )
         x = x + attn_out
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, e, name="mlp_norm")(x))

@@ -1,36 +1,30 @@
-"""Fused decode projection: RMSNorm, the q/k/v GEMVs and RoPE in one kernel (measured,
+"""Fused decode projection: RMSNorm, the q/k/v GEMVs and RoPE in two kernels (measured,
 not dispatched).
 
 In a decode step (a few rows: batch x new tokens) each of these is a tiny kernel, and a
 small model pays for launches and tails more than for bytes: on an H200 the Llama-3.2-1B
 step runs the norm's reduction, its scale, the q and the k+v GEMVs and two RoPE fusions
-as six kernels a layer (about 13 us). This kernel does it in one launch: it reads x,
-normalises it, streams the three weight matrices once and writes q, k and v rotated.
+as six kernels a layer (about 13 us). Here two launches do it:
 
-    x [M, E] --RMSNorm(scale)--> xn --@ w_q, w_k, w_v (+ bias)--> RoPE(q, k) --> q, k, v
+    partials: x [M, E] (x scale) @ w_q | w_k | w_v, one [BE, D] weight tile a program
+              -> f32 partial sums [S, BM, NH, D] and partial sums of squares [S, BM]
+    epilogue: per head, the partials added, times the RMSNorm factor rsqrt(mean(x^2) + eps),
+              rounded, + bias, RoPE (q and k) -> q [M, H, D], k, v [M, K, D]
 
-Status (H200, 2026-11-27, `bench/results/2026-11-27-h200-speculative-shapes.md`): at the
-1B shape it takes 14.3 us a call inside the decode step (0.88 TB/s of its 12.6 MB), no
-faster than the six XLA kernels it replaces, so the model does not call it. Its 96
-programs of two [BE, 16] weight tiles are too few and too narrow to stream at the
-memory's speed; a split over E (partial sums combined by the last program) is the next
-version to try.
+Every program of the first kernel loads one weight tile and no loop runs, so all the
+weight bytes are requested at once (a one-kernel version with a loop over E per program,
+b290668, kept about one step of loads in flight and streamed at 0.9 TB/s:
+`bench/results/2026-11-27-h200-speculative-shapes.md`, session 5).
 
-Rounding follows the XLA path of `ollm_jax.model` step by step (normalise in f32, cast
-to x's dtype, scale; the GEMV accumulates in f32 and rounds once; bias and every RoPE
-multiply and add round to x's dtype), so the two differ only by the GEMV's summation
-order; `norm_qkv_rope_reference` is that XLA path.
-
-Layout: the weights stay as stored ([E, heads, D]; viewed as [E, heads * D], which is
-free). RoPE pairs channel j with j + D/2, so a program owns BP channel pairs of one head:
-columns [j0, j0 + BP) and [j0 + D/2, j0 + D/2 + BP), two [BE, BP] weight tiles per step
-of its loop over E, and it rotates its own results. The grid is one program per BP
-pairs of every q, k and v head (q heads first); v is not rotated. All M rows (padded to
-16, the smallest mma) go through each program, so the weights are read once.
+Rounding: the GEMV takes x * scale rounded to x's dtype and the norm factor multiplies
+its f32 sum, where the model's XLA path (`norm_qkv_rope_reference`) rounds the normalised
+x and then its scaled value; so the two differ by one rounding of each term and the
+summation order. From the GEMV's rounded result on (bias, every RoPE product and sum,
+each rounded to x's dtype) the steps are the same.
 
 Dimensions: M rows (B x T), E hidden, H query heads, K KV heads, D head_dim, NH = H + 2K
-heads in all, BP channel pairs per program, BE hidden channels per loop step, BM rows
-padded (>= 16).
+heads (q heads first, then k, then v), BE hidden channels per program, S = E / BE
+splits, BM rows padded (>= 16, the smallest mma).
 """
 
 from __future__ import annotations
@@ -43,15 +37,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-DEFAULT_BLOCK_P = 16
 DEFAULT_BLOCK_E = 256
 DEFAULT_NUM_WARPS = 4
-DEFAULT_NUM_STAGES = 3
 MAX_ROWS = 64  # rows per launch: decode and speculative verification, not prefill
 
 
 def supports(x: jax.Array, w_q: jax.Array, w_k: jax.Array) -> bool:
-    """Whether the kernel takes these shapes: x [M, E] with M <= MAX_ROWS, head_dim a
+    """Whether the kernels take these shapes: x [M, E] with M <= MAX_ROWS, head_dim a
     power of 2 >= 32 and E a multiple of 16."""
     m, e = x.shape
     d = w_q.shape[2]
@@ -63,81 +55,79 @@ def _round(x: jax.Array, dtype) -> jax.Array:
     return x.astype(dtype).astype(jnp.float32)
 
 
-def _kernel(x_ref, scale_ref, pos_ref, inv_ref, wq_ref, wk_ref, wv_ref, *rest, heads: tuple[int, int],
-            block_p: int, block_e: int, block_m: int, eps: float, has_bias: bool):
-    # x_ref [M, E]; scale_ref [E]; pos_ref [M] int32; inv_ref [D/2] f32 (RoPE frequencies)
-    # wq_ref [E, H*D], wk_ref / wv_ref [E, K*D]; with bias: bq_ref [H*D], bk_ref / bv_ref [K*D]
-    # outputs q_ref [M, H, D], k_ref / v_ref [M, K, D] (whole arrays)
+def _partials_kernel(x_ref, scale_ref, wq_ref, wk_ref, wv_ref, part_ref, ss_ref, *, heads: tuple[int, int],
+                     block_e: int, block_m: int):
+    # x_ref [M, E]; scale_ref [E]; wq_ref [E, H*D], wk_ref / wv_ref [E, K*D] (whole arrays)
+    # part_ref [S, BM, NH, D] f32, ss_ref [S, BM] f32: this program's [BM, D] and [BM]
+    h, k = heads
+    m = x_ref.shape[0]
+    d = part_ref.shape[3]
+    f32 = jnp.float32
+    head, s = pl.program_id(0), pl.program_id(1)
+    e0 = s * block_e
+    row_ok = jnp.arange(block_m, dtype=jnp.int32) < m  # [BM]
+    x = plt.load(x_ref.at[pl.ds(0, block_m), pl.ds(e0, block_e)], mask=row_ok[:, None], other=0).astype(f32)
+    xs = (x * scale_ref[pl.ds(e0, block_e)].astype(f32)[None, :]).astype(x_ref.dtype)  # [BM, BE]
+
+    def project(w_ref, n):  # head n of this weight: columns [n*D, (n+1)*D)
+        tile = w_ref[pl.ds(e0, block_e), pl.ds(n * d, d)]  # [BE, D]
+        part_ref[s, :, head, :] = jnp.dot(xs, tile, preferred_element_type=f32)  # [BM, D]
+
+    pl.when(head < h)(lambda: project(wq_ref, head))
+    pl.when((head >= h) & (head < h + k))(lambda: project(wk_ref, head - h))
+    pl.when(head >= h + k)(lambda: project(wv_ref, head - h - k))
+
+    @pl.when(head == 0)
+    def _():
+        ss_ref[s, :] = jnp.sum(x * x, axis=1)  # [BM]
+
+
+def _epilogue_kernel(part_ref, ss_ref, pos_ref, inv_ref, *rest, heads: tuple[int, int], e: int, eps: float,
+                     has_bias: bool):
+    # part_ref [S, BM, NH, D] f32, ss_ref [S, BM] f32; pos_ref [M] int32; inv_ref [D/2] f32
+    # with bias: bq_ref [H*D], bk_ref / bv_ref [K*D]; outputs q_ref [M, H, D], k_ref / v_ref [M, K, D]
     biases, (q_ref, k_ref, v_ref) = (rest[:3], rest[3:]) if has_bias else ((None,) * 3, rest)
     h, k = heads
-    m, e = x_ref.shape
-    d = q_ref.shape[2]
-    half, dt, f32 = d // 2, x_ref.dtype, jnp.float32
-    per_head = half // block_p
-    p = pl.program_id(0)
-    head, j0 = p // per_head, (p % per_head) * block_p
+    splits, block_m, _, d = part_ref.shape
+    m = q_ref.shape[0]
+    half, dt, f32 = d // 2, q_ref.dtype, jnp.float32
+    head = pl.program_id(0)
+    row_ok = jnp.arange(block_m, dtype=jnp.int32) < m  # [BM]
 
-    rows = jnp.arange(block_m, dtype=jnp.int32)  # [BM]
-    row_ok = rows < m
+    def total(c0):  # [BM, D/2]: channels [c0, c0 + D/2) of this head, summed over the splits
+        acc = part_ref[0, :, head, pl.ds(c0, half)]
+        for s in range(1, splits):
+            acc += part_ref[s, :, head, pl.ds(c0, half)]
+        return acc
 
-    def x_chunk(e0):  # [BM, BE] f32, rows past M zero
-        return plt.load(x_ref.at[pl.ds(0, block_m), pl.ds(e0, block_e)], mask=row_ok[:, None], other=0).astype(f32)
+    ss = ss_ref[0, :]  # [BM]
+    for s in range(1, splits):
+        ss += ss_ref[s, :]
+    r = lax.rsqrt(ss / e + eps)[:, None]  # [BM, 1]: the RMSNorm factor
+    y1, y2 = _round(total(0) * r, dt), _round(total(half) * r, dt)  # the GEMV's result in x's dtype
 
-    def sum_squares(i, acc):  # [BM]
-        xc = x_chunk(i * block_e)
-        return acc + jnp.sum(xc * xc, axis=1)
-
-    steps = e // block_e
-    ss = lax.fori_loop(0, steps, sum_squares, jnp.zeros((block_m,), f32))
-    r = lax.rsqrt(ss / e + eps)[:, None]  # [BM, 1]
-
-    def project(w_ref, b_ref, out_ref, n, rotate: bool):
-        """Head n of one weight (q, k or v): channel pairs [j0, j0 + BP)."""
-        c1 = n * d + j0  # first-half columns [c1, c1 + BP); second half + D/2
-
-        def body(i, carry):
-            a1, a2 = carry
-            e0 = i * block_e
-            xn = _round(x_chunk(e0) * r, dt) * scale_ref[pl.ds(e0, block_e)].astype(f32)  # [BM, BE]
-            xn = xn.astype(dt)
-            t1 = w_ref[pl.ds(e0, block_e), pl.ds(c1, block_p)]  # [BE, BP]
-            t2 = w_ref[pl.ds(e0, block_e), pl.ds(c1 + half, block_p)]
-            return (a1 + jnp.dot(xn, t1, preferred_element_type=f32),
-                    a2 + jnp.dot(xn, t2, preferred_element_type=f32))  # [BM, BP] each
-
-        zeros = jnp.zeros((block_m, block_p), f32)
-        a1, a2 = lax.fori_loop(0, steps, body, (zeros, zeros))
-        y1, y2 = _round(a1, dt), _round(a2, dt)  # the GEMV's result in x's dtype
+    def finish(b_ref, out_ref, n, rotate: bool):
+        a1, a2 = y1, y2
         if b_ref is not None:
-            y1 = _round(y1 + b_ref[pl.ds(c1, block_p)].astype(f32)[None, :], dt)
-            y2 = _round(y2 + b_ref[pl.ds(c1 + half, block_p)].astype(f32)[None, :], dt)
-        if rotate:  # y1 cos - y2 sin, y2 cos + y1 sin, each product and sum rounded
+            a1 = _round(a1 + b_ref[pl.ds(n * d, half)].astype(f32)[None, :], dt)
+            a2 = _round(a2 + b_ref[pl.ds(n * d + half, half)].astype(f32)[None, :], dt)
+        if rotate:  # a1 cos - a2 sin, a2 cos + a1 sin, each product and sum rounded
             pos = plt.load(pos_ref.at[pl.ds(0, block_m)], mask=row_ok, other=0).astype(f32)  # [BM]
-            angle = pos[:, None] * inv_ref[pl.ds(j0, block_p)][None, :]  # [BM, BP]
+            angle = pos[:, None] * inv_ref[...][None, :]  # [BM, D/2]
             cos, sin = _round(jnp.cos(angle), dt), _round(jnp.sin(angle), dt)
-            y1, y2 = (_round(_round(y1 * cos, dt) - _round(y2 * sin, dt), dt),
-                      _round(_round(y2 * cos, dt) + _round(y1 * sin, dt), dt))
-        store_mask = row_ok[:, None]
-        plt.store(out_ref.at[pl.ds(0, block_m), n, pl.ds(j0, block_p)], y1.astype(out_ref.dtype), mask=store_mask)
-        plt.store(out_ref.at[pl.ds(0, block_m), n, pl.ds(j0 + half, block_p)], y2.astype(out_ref.dtype),
-                  mask=store_mask)
+            a1, a2 = (_round(_round(a1 * cos, dt) - _round(a2 * sin, dt), dt),
+                      _round(_round(a2 * cos, dt) + _round(a1 * sin, dt), dt))
+        mask = row_ok[:, None]
+        plt.store(out_ref.at[pl.ds(0, block_m), n, pl.ds(0, half)], a1.astype(out_ref.dtype), mask=mask)
+        plt.store(out_ref.at[pl.ds(0, block_m), n, pl.ds(half, half)], a2.astype(out_ref.dtype), mask=mask)
 
     bq, bk, bv = biases
-
-    @pl.when(head < h)
-    def _():
-        project(wq_ref, bq, q_ref, head, rotate=True)
-
-    @pl.when((head >= h) & (head < h + k))
-    def _():
-        project(wk_ref, bk, k_ref, head - h, rotate=True)
-
-    @pl.when(head >= h + k)
-    def _():
-        project(wv_ref, bv, v_ref, head - h - k, rotate=False)
+    pl.when(head < h)(lambda: finish(bq, q_ref, head, rotate=True))
+    pl.when((head >= h) & (head < h + k))(lambda: finish(bk, k_ref, head - h, rotate=True))
+    pl.when(head >= h + k)(lambda: finish(bv, v_ref, head - h - k, rotate=False))
 
 
-_KNOBS = ("eps", "block_p", "block_e", "num_warps", "num_stages", "interpret")
+_KNOBS = ("eps", "block_e", "num_warps", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_KNOBS)
@@ -152,13 +142,11 @@ def norm_qkv_rope(
     biases: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     *,
     eps: float,
-    block_p: int | None = None,
     block_e: int | None = None,
     num_warps: int | None = None,
-    num_stages: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """RMSNorm(x) projected to q, k, v, with RoPE on q and k, in one kernel.
+    """RMSNorm(x) projected to q, k, v, with RoPE on q and k, in two kernels.
 
     Args:
       x: [M, E] the residual stream's rows (not normalised), M <= MAX_ROWS.
@@ -168,10 +156,9 @@ def norm_qkv_rope(
       inv_freq: [D/2] f32 RoPE inverse frequencies (scaling already applied).
       biases: optional (b_q [H, D], b_k [K, D], b_v [K, D]) added before RoPE (Qwen2).
       eps: the RMSNorm epsilon.
-      block_p: channel pairs per program (a power of 2 >= 16 dividing D/2; default
-        DEFAULT_BLOCK_P); block_e: hidden channels per loop step (a power of 2 >= 16
-        dividing E; default DEFAULT_BLOCK_E or E if smaller); num_warps, num_stages: Triton
-        launch parameters.
+      block_e: hidden channels per program of the first kernel (a power of 2 >= 16
+        dividing E; default DEFAULT_BLOCK_E, or E's largest power-of-2 factor if smaller);
+        num_warps: Triton's, for both kernels (default DEFAULT_NUM_WARPS).
       interpret: run in Pallas interpret mode (CPU).
     Returns:
       (q [M, H, D], k [M, K, D], v [M, K, D]) in x's dtype.
@@ -186,27 +173,32 @@ def norm_qkv_rope(
     if norm_scale.shape != (e,) or positions.shape != (m,) or inv_freq.shape != (d // 2,):
         raise ValueError(f"expected norm_scale [{e}], positions [{m}], inv_freq [{d // 2}]; got "
                          f"{norm_scale.shape=} {positions.shape=} {inv_freq.shape=}")
-    block_p = block_p or min(DEFAULT_BLOCK_P, d // 2)
     block_e = block_e or min(DEFAULT_BLOCK_E, e & -e)
-    if block_p < 16 or (d // 2) % block_p or block_e < 16 or e % block_e:
-        raise ValueError(f"{block_p=} must be >= 16 and divide D/2 = {d // 2}; {block_e=} must be >= 16 and "
-                         f"divide E = {e}")
+    if block_e < 16 or block_e & (block_e - 1) or e % block_e:
+        raise ValueError(f"{block_e=} must be a power of 2 >= 16 dividing E = {e}")
     block_m = max(16, pl.next_power_of_2(m))
+    splits, nh = e // block_e, h + 2 * k
+    params = plt.CompilerParams(num_warps=num_warps or DEFAULT_NUM_WARPS, num_stages=1)
+    part, ss = pl.pallas_call(
+        functools.partial(_partials_kernel, heads=(h, k), block_e=block_e, block_m=block_m),
+        out_shape=[jax.ShapeDtypeStruct((splits, block_m, nh, d), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, block_m), jnp.float32)],
+        grid=(nh, splits),
+        compiler_params=params,
+        interpret=interpret,
+        name="norm_qkv_partials",
+    )(x, norm_scale, w_q.reshape(e, h * d), w_k.reshape(e, k * d), w_v.reshape(e, k * d))
     has_bias = biases is not None
-    flat_bias = [b.reshape(-1) for b in biases] if has_bias else []
-    kernel = functools.partial(_kernel, heads=(h, k), block_p=block_p, block_e=block_e, block_m=block_m,
-                               eps=float(eps), has_bias=has_bias)
     return pl.pallas_call(
-        kernel,
+        functools.partial(_epilogue_kernel, heads=(h, k), e=e, eps=float(eps), has_bias=has_bias),
         out_shape=[jax.ShapeDtypeStruct((m, h, d), x.dtype), jax.ShapeDtypeStruct((m, k, d), x.dtype),
                    jax.ShapeDtypeStruct((m, k, d), x.dtype)],
-        grid=((h + 2 * k) * (d // 2 // block_p),),
-        compiler_params=plt.CompilerParams(num_warps=num_warps or DEFAULT_NUM_WARPS,
-                                           num_stages=num_stages or DEFAULT_NUM_STAGES),
+        grid=(nh,),
+        compiler_params=params,
         interpret=interpret,
         name="norm_qkv_rope",
-    )(x, norm_scale, positions.astype(jnp.int32), inv_freq.astype(jnp.float32), w_q.reshape(e, h * d),
-      w_k.reshape(e, k * d), w_v.reshape(e, k * d), *flat_bias)
+    )(part, ss, positions.astype(jnp.int32), inv_freq.astype(jnp.float32),
+      *([b.reshape(-1) for b in biases] if has_bias else []))
 
 
 def norm_qkv_rope_reference(x, norm_scale, w_q, w_k, w_v, positions, inv_freq, biases=None, *, eps):
@@ -240,10 +232,8 @@ def _bench(argv=None):  # pragma: no cover - GPU only
     p = argparse.ArgumentParser(description="Sweep norm_qkv_rope against XLA's path and the copy bandwidth.")
     p.add_argument("--shapes", nargs="+", default=["2048,32,8,64", "4096,32,8,128"], help="E,H,K,D")
     p.add_argument("--rows", default="1,5,8", help="comma list of M")
-    p.add_argument("--block-p", default="16")
-    p.add_argument("--block-e", default="128,256,512")
+    p.add_argument("--block-e", default="128,256,512")  # the first kernel's split of E
     p.add_argument("--num-warps", default="4")
-    p.add_argument("--num-stages", default="3")
     p.add_argument("--copies", type=int, default=12, help="weight sets cycled per timed run (past L2)")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes)")
     args = p.parse_args(argv)
@@ -253,7 +243,7 @@ def _bench(argv=None):  # pragma: no cover - GPU only
     common.print_environment(env)
     copy_bw = common.jax_copy_bandwidth(1 << (20 if args.interpret else 30))
     print(f"ceiling     jax copy (x + 1) of a 1 GiB buffer: {copy_bw / 1e9:.0f} GB/s on {env['jax_device_kind']}")
-    headers = ["E,H,K,D", "M", "impl", "block_p", "block_e", "warps", "stages", "busy us", "GB/s", "% copy",
+    headers = ["E,H,K,D", "M", "impl", "block_e", "warps", "busy us", "GB/s", "% copy",
                "max|err|"]
     rows = []
     for shape, m in itertools.product(args.shapes, ints(args.rows)):
@@ -272,11 +262,9 @@ def _bench(argv=None):  # pragma: no cover - GPU only
         ref = jax.jit(lambda s, inv=inv: [norm_qkv_rope_reference(*a, inv, eps=1e-5) for a in s])
         want = ref(sets)[0]
         runs = [("xla", None, ref)]
-        for bp, be, w, st in itertools.product(*map(ints, (args.block_p, args.block_e, args.num_warps,
-                                                            args.num_stages))):
-            fn = functools.partial(norm_qkv_rope, eps=1e-5, block_p=bp, block_e=be, num_warps=w, num_stages=st,
-                                   interpret=args.interpret)
-            runs.append(("pallas", (bp, be, w, st), jax.jit(lambda s, fn=fn, inv=inv: [fn(*a, inv) for a in s])))
+        for be, w in itertools.product(*map(ints, (args.block_e, args.num_warps))):
+            fn = functools.partial(norm_qkv_rope, eps=1e-5, block_e=be, num_warps=w, interpret=args.interpret)
+            runs.append(("pallas", (be, w), jax.jit(lambda s, fn=fn, inv=inv: [fn(*a, inv) for a in s])))
         for impl, knobs, run in runs:
             try:
                 got = run(sets)[0]
@@ -286,7 +274,7 @@ def _bench(argv=None):  # pragma: no cover - GPU only
             err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))) for g, r in zip(got, want))
             busy = common.device_busy_seconds(lambda run=run, sets=sets: run(sets), reps=3)
             us = None if busy is None else busy / args.copies * 1e6
-            rows.append([shape, m, impl, *(knobs or ["-"] * 4), "-" if us is None else f"{us:.2f}",
+            rows.append([shape, m, impl, *(knobs or ["-"] * 2), "-" if us is None else f"{us:.2f}",
                          "-" if us is None else f"{nbytes / us / 1e3:.0f}",
                          "-" if us is None else f"{100 * nbytes / us / 1e3 / (copy_bw / 1e9):.0f}", f"{err:.3g}"])
             print(" | ".join(map(str, rows[-1])), flush=True)
