@@ -175,10 +175,11 @@ class Attention(nn.Module):
 
 
 def _fused_projection(impl: str, cfg: ModelConfig, x: jax.Array, w_q: jax.Array, w_k: jax.Array) -> bool:
-    """Whether the q/k/v projection runs as the fused Pallas kernel (`pallas_kernels.norm_qkv`):
-    decode-sized steps (B x T <= its MAX_ROWS) on a GPU under "auto", or in interpret mode
-    under "pallas"; not with Qwen3's qk-norm (between the GEMV and RoPE)."""
-    if cfg.qk_norm or impl not in ("auto", "pallas") or (impl == "auto" and not on_gpu()):
+    """Whether the q/k/v projection runs as the fused Pallas kernels (`pallas_kernels.norm_qkv`):
+    under "pallas" only (interpret mode off the GPU), for decode-sized steps (B x T <= its
+    MAX_ROWS), not with Qwen3's qk-norm (between the GEMV and RoPE). "auto" keeps XLA's
+    path, which measured faster on an H200 (see that module)."""
+    if cfg.qk_norm or impl != "pallas":
         return False
     from pallas_kernels import norm_qkv
 
@@ -262,7 +263,8 @@ def forward(
       logits_index: optional [B, N] indices into T; logits only for those tokens.
       attention_impl: kernels or references: "auto" (Pallas kernels on a GPU), "xla" or
         "pallas" (or "cudnn" for prefill); passed to `ollm_jax.attention.attend` and
-        `ollm_jax.kv_cache.write`.
+        `ollm_jax.kv_cache.write`. "pallas" also runs a decode-sized step's RMSNorm, q/k/v
+        projection and RoPE as the fused `pallas_kernels.norm_qkv` kernels.
       attention_pattern: a sparsity pattern (`ollm_jax.patterns`) instead of dense causal
         (or the config's sliding window), for exploration; static.
       q_offset: the position of every row's first token when it is one static number

@@ -1,5 +1,5 @@
-"""Fused decode projection: RMSNorm, the q/k/v GEMVs and RoPE in two kernels (measured,
-not dispatched).
+"""Fused decode projection: RMSNorm, the q/k/v GEMVs and RoPE in two kernels (measured;
+used by the model only when asked for, with attention_impl="pallas").
 
 In a decode step (a few rows: batch x new tokens) each of these is a tiny kernel, and a
 small model pays for launches and tails more than for bytes: on an H200 the Llama-3.2-1B
@@ -12,9 +12,13 @@ as six kernels a layer (about 13 us). Here two launches do it:
               rounded, + bias, RoPE (q and k) -> q [M, H, D], k, v [M, K, D]
 
 Every program of the first kernel loads one weight tile and no loop runs, so all the
-weight bytes are requested at once (a one-kernel version with a loop over E per program,
-b290668, kept about one step of loads in flight and streamed at 0.9 TB/s:
-`bench/results/2026-11-27-h200-speculative-shapes.md`, session 5).
+weight bytes are requested at once. Measured inside the Llama-3.2-1B decode step on an
+H200 (`bench/results/2026-11-27-h200-speculative-shapes.md`, session 5), the two take
+9.5 + 2.9 us a layer, against about 13 us for the six XLA kernels they replace, but the
+step as a whole ran 1.099 ms against 1.072 with XLA's path (its K/V append moves to the
+Pallas append as well), so `attention_impl="auto"` keeps XLA's path. The partials stream
+at 1.3 TB/s, a third of the memory's speed: that, not the launches, is what to fix. (A
+one-kernel version with a loop over E per program, b290668, took 14.3 us.)
 
 Rounding: the GEMV takes x * scale rounded to x's dtype and the norm factor multiplies
 its f32 sum, where the model's XLA path (`norm_qkv_rope_reference`) rounds the normalised
@@ -68,10 +72,11 @@ def _partials_kernel(x_ref, scale_ref, wq_ref, wk_ref, wv_ref, part_ref, ss_ref,
     row_ok = jnp.arange(block_m, dtype=jnp.int32) < m  # [BM]
     x = plt.load(x_ref.at[pl.ds(0, block_m), pl.ds(e0, block_e)], mask=row_ok[:, None], other=0).astype(f32)
     xs = (x * scale_ref[pl.ds(e0, block_e)].astype(f32)[None, :]).astype(x_ref.dtype)  # [BM, BE]
+    precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None  # f32: no TF32
 
     def project(w_ref, n):  # head n of this weight: columns [n*D, (n+1)*D)
         tile = w_ref[pl.ds(e0, block_e), pl.ds(n * d, d)]  # [BE, D]
-        part_ref[s, :, head, :] = jnp.dot(xs, tile, preferred_element_type=f32)  # [BM, D]
+        part_ref[s, :, head, :] = jnp.dot(xs, tile, preferred_element_type=f32, precision=precision)  # [BM, D]
 
     pl.when(head < h)(lambda: project(wq_ref, head))
     pl.when((head >= h) & (head < h + k))(lambda: project(wk_ref, head - h))

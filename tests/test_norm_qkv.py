@@ -47,7 +47,8 @@ def test_kernel_matches_reference(m, e, h, k, d, dtype, bias, knobs):
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
         # The GEMV's f32 sums differ in order only: at most one rounding step of the result
         # (bf16: 2^-8 relative), then through RoPE's rounded products.
-        tol = 2 ** -7 if dtype == jnp.bfloat16 else 1e-5
+        # f32: the kernel's dot is exact f32; XLA's reference may use TF32 on a GPU.
+        tol = 2 ** -7 if dtype == jnp.bfloat16 else (1e-5 if INTERPRET else 2e-3)
         np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.abs(w).max(), err_msg=name)
 
 
