@@ -2,9 +2,10 @@
 
 Each kernel file holds the kernel body, a jitted wrapper whose tuning knobs are
 keyword-only static arguments, a `*_reference` function with the exact semantics, and a
-`__main__` that sweeps sizes on the GPU and prints % of the hardware limit. Model code
-never calls a kernel directly: `ollm_jax.attention` and `ollm_jax.kv_cache` are the
-dispatch points, and fall back to the references on the CPU.
+`__main__` that sweeps sizes on the GPU and prints % of the hardware limit. Each kernel
+has one dispatch point that falls back to its reference on the CPU: `ollm_jax.attention`
+(flash_decode, flash_prefill through `ollm_jax.router`), `ollm_jax.kv_cache`
+(quantize_append) and `ollm_jax.model._fused_projection` (norm_qkv, on request only).
 
 The Triton backend of Pallas is deprecated since jax 0.11.0 (not removed in 0.12) and
 warns on every lowering. This is the one place that warning is filtered.
