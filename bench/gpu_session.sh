@@ -74,7 +74,7 @@ case "${1:-}" in
     ;;
   i)
     step 120 norm_qkv_tests python3 -m pytest -q -p no:cacheprovider tests/test_norm_qkv.py
-    step 200 norm_qkv_sweep python3 -m pallas_kernels.norm_qkv --rows 1,5 --block-e 128,256,512
+    step 200 norm_qkv_sweep python3 -m pallas_kernels.norm_qkv --rows 1,5 --block-e 128,256
     step 200 profile_1b python3 bench/decode_profile.py --model 1b --out "$OUT/"
     ;;
   j)

@@ -237,7 +237,7 @@ def _bench(argv=None):  # pragma: no cover - GPU only
     p = argparse.ArgumentParser(description="Sweep norm_qkv_rope against XLA's path and the copy bandwidth.")
     p.add_argument("--shapes", nargs="+", default=["2048,32,8,64", "4096,32,8,128"], help="E,H,K,D")
     p.add_argument("--rows", default="1,5,8", help="comma list of M")
-    p.add_argument("--block-e", default="128,256,512")  # the first kernel's split of E
+    p.add_argument("--block-e", default="128,256")  # the first kernel's split of E (512 spills)
     p.add_argument("--num-warps", default="4")
     p.add_argument("--copies", type=int, default=12, help="weight sets cycled per timed run (past L2)")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes)")

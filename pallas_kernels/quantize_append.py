@@ -229,7 +229,7 @@ def _append_call(stores, xs, start, count, *, block_t, heads, num_warps, num_sta
         raise ValueError(f"{heads=} must be a power of 2 dividing the {k} KV heads")
     cfg = default_config(t, k, d)
     heads = heads or cfg["heads"]
-    block_t = min(block_t or DEFAULT_BLOCK_T, pl.next_power_of_2(t))
+    block_t = min(block_t or cfg["block_t"], pl.next_power_of_2(t))
     num_warps = num_warps or cfg["num_warps"]
     flat = [a for lv in leaves for a in lv]
     n_in = 2 + len(xs)  # start, count, xs
