@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--kv-format", default=None, help="kv_cache format (default: the model's dtype)")
+    p.add_argument("--weights", default="bf16", choices=list(model.WEIGHT_FORMATS),
+                   help="weight format (`model.quantize_weights`)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--top", type=int, default=30, help="kernel rows to print")
     p.add_argument("--copy-gib", type=float, default=1.0)
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     bandwidth = copy["used_Bps"]
 
     cfg = ModelConfig.from_hf(HF_CONFIGS[args.model], dtype="bfloat16")
-    params = jax.block_until_ready(model.init_params(cfg, jax.random.key(0)))
+    params = jax.block_until_ready(model.quantize_weights(model.init_params(cfg, jax.random.key(0)), args.weights))
     weight_bytes = model.param_bytes(params)
     b, n = args.batch, args.new_tokens
     tokens = jnp.ones((b, args.prompt_len), jnp.int32)  # [B, T]
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
         result.update(fields)
     if args.out:
         day = datetime.date.today().isoformat()
-        path = os.path.join(args.out, f"{day}-{common.card_slug(env)}-decode_profile-{args.model}.json")
+        path = os.path.join(args.out, f"{day}-{common.card_slug(env)}-decode_profile-{args.model}"
+                            f"{'' if args.weights == 'bf16' else '-' + args.weights}.json")
         common.save_json(path, result)
         print(f"\nsaved {path}")
     return 0

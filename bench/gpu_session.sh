@@ -7,13 +7,15 @@
 #                                  (with XLA's reference; prints busy time), append sweep (exactness)
 #   bash bench/gpu_session.sh b    speculative prompt lookup on SmolLM2 (needs the GGUF, see below)
 #   bash bench/gpu_session.sh c    kv_quant end to end (8B, batch 8, 32k) + end-to-end prefill at 16k
-#   bash bench/gpu_session.sh d    speculative draft-model cost model (8B / 1B shapes)
+#   bash bench/gpu_session.sh d    speculative draft-model cost model (8B / 1B shapes; bf16 and int8 drafts)
 #   bash bench/gpu_session.sh e    bf16 decode splits at batch 1, prefill attention at 4k, 16k, 64k
 #   bash bench/gpu_session.sh f    bf16 beside int8/int4 decode tuning at 128k (scale loads, block size), batch 1 and 8
 #   bash bench/gpu_session.sh g    the next knobs: int8 decode warps/blocks/stages, int4 transposed, append tiles
 #   bash bench/gpu_session.sh h    the batch-1 decode step of the 1B and 8B shapes, kernel by kernel (decode_profile.py)
 #   bash bench/gpu_session.sh i    the fused norm + q/k/v + RoPE kernel: its tests compiled, its sweep beside XLA, the 1B step
 #   bash bench/gpu_session.sh j    kernel tests compiled, the 128k decode defaults (int4 transposed), append at 4 and 8 warps
+#   bash bench/gpu_session.sh k    the 1B step with int8 weight-only matrices beside bf16, kernel by kernel
+#   bash bench/gpu_session.sh l    gemv_int8: its tests compiled, its tiles / warps beside XLA's dots, the 1B int8 step
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -85,6 +87,16 @@ case "${1:-}" in
     step 200 qa_warps python3 -m pallas_kernels.quantize_append --budget-s 150 --shapes 1,16384,8,128,32768 \
       2,2048,32,64,4096 --formats int8 int4-g64 --kv-formats int8 --block-t 4 8 --num-warps 4 8
     ;;
+  k)
+    step 200 profile_1b python3 bench/decode_profile.py --model 1b --top 12 --out "$OUT/"
+    step 200 profile_1b_int8 python3 bench/decode_profile.py --model 1b --weights int8 --top 16 --out "$OUT/"
+    ;;
+  l)
+    step 150 weights_tests python3 -m pytest -q -p no:cacheprovider tests/test_weights.py
+    step 200 gemv_tiles python3 -m pallas_kernels.gemv_int8 --rows 1 --block-n 16,32,64 --block-kw 64,128
+    step 150 gemv_warps python3 -m pallas_kernels.gemv_int8 --rows 1,5 --num-warps 2,4,8 --transposed 0,1
+    step 150 profile_1b_int8 python3 bench/decode_profile.py --model 1b --weights int8 --top 16 --out "$OUT/"
+    ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \
       --essays "${ESSAYS:-downloads/PaulGrahamEssays}" --out "$OUT/"
@@ -96,8 +108,8 @@ case "${1:-}" in
     ;;
   d)
     # Fewer draft lengths and verify widths than the defaults: 8B compiles dominate.
-    step 470 spec_shapes python3 bench/speculative.py --part shapes --fit-gammas 1 2 3 4 6 \
-      --verify-widths 1 2 3 4 5 7 --out "$OUT/"
+    step 580 spec_shapes python3 bench/speculative.py --part shapes --fit-gammas 1 2 3 4 6 \
+      --verify-widths 1 2 3 4 5 7 --draft-weights bf16 int8 --out "$OUT/"
     ;;
   e)
     step 130 fd_splits python3 -m pallas_kernels.flash_decode --formats bf16 --batch 1 --lengths 32768,131072 \

@@ -16,7 +16,9 @@ Part `lookup` (real weights, batch 1, greedy):
   GB/s = (weight bytes + KV bytes of the mean context) per target forward x forwards /
   decode time: the target reads its weights once per verify pass, as once per decode step.
 
-Part `shapes` (random bf16 weights, batch 1, prompt `--prompt-len`, greedy):
+Part `shapes` (random weights, batch 1, prompt `--prompt-len`, greedy): the 8B target in
+bf16; the 1B draft in each of `--draft-weights` (bf16, and int8 weight-only as gpt-fast
+drafts: `model.quantize_weights`), each costed on its own against the same target figures.
   c_t, c_d   plain decode ms/step of the 8B target and the 1B draft
              (`bench/decode.py`'s measurement: prefill, then `generation.decode`).
   verify(w)  ms of one target forward over w tokens at positions p .. p+w-1 with the
@@ -116,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--verify-widths", nargs="+", type=int, default=list(range(1, 10)))
     p.add_argument("--verify-steps", type=int, default=64)
     p.add_argument("--self-gamma", type=int, default=4)
+    p.add_argument("--draft-weights", nargs="+", default=["bf16", "int8"], choices=list(model.WEIGHT_FORMATS),
+                   help="shapes: the draft's weight formats, each costed against the bf16 target "
+                        "(`model.quantize_weights`); the first one's loop overhead serves the self-draft")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions; the median is reported")
     p.add_argument("--copy-gib", type=float, default=None, help="copy-bandwidth buffer (default 2; tiny 1/16)")
     p.add_argument("--out", default=None, help="JSON file, or a directory for <date>-<card>-speculative.json")
@@ -365,32 +370,10 @@ def predicted_speedup(a: float, g: int, c_t: float, d: float, verify: float, ove
     return tokens * c_t / (g * d + verify + overhead)
 
 
-def part_shapes(args, env, bandwidth: float) -> dict[str, Any]:
-    names = ("tiny", None) if args.tiny else ("8b", "1b")
-    cfg = ModelConfig.from_hf(HF_CONFIGS[names[0]], dtype="bfloat16")
-    draft_cfg = ModelConfig.from_hf(TINY_DRAFT if args.tiny else HF_CONFIGS[names[1]], dtype="bfloat16")
-    params = jax.block_until_ready(model.init_params(cfg, jax.random.key(args.seed)))
-    draft_params = jax.block_until_ready(model.init_params(draft_cfg, jax.random.key(args.seed + 1)))
-    w_t, w_d = weight_bytes(params, cfg), weight_bytes(draft_params, draft_cfg)
-    kv_t = kv_cache.bytes_per_token(cfg) * (args.prompt_len + args.shape_new_tokens / 2)
-    print(f"\nshapes: target {names[0]} ({w_t / 1e9:.2f} GB), draft {names[1] or 'tiny-draft'} ({w_d / 1e9:.2f} GB), "
-          f"random bf16, batch 1, prompt {args.prompt_len}, {args.shape_new_tokens} new tokens")
-
-    dec_args = argparse.Namespace(seed=args.seed, prompt_len=args.prompt_len, new_tokens=args.shape_new_tokens,
-                                  kv_format=None, attention_impl="auto", reps=args.reps)
-    c_t = bench_ours(params, cfg, dec_args, 1)["ms_per_step"]
+def draft_costs(params, cfg, draft_params, draft_cfg, args, *, c_t: float, verify: dict[int, float],
+                prefill_t: float, dec_args) -> dict[str, Any]:
+    """One draft's c_d, in-loop fit (D, V, O) and predicted speedups against the target's costs."""
     c_d = bench_ours(draft_params, draft_cfg, dec_args, 1)["ms_per_step"]
-    print(f"  plain decode: target {c_t:.3f} ms/step ({1e3 / c_t:.0f} tok/s, {(w_t + kv_t) / c_t / 1e6:,.0f} GB/s, "
-          f"roofline {(w_t + kv_t) / bandwidth * 1e3:.3f} ms); draft {c_d:.3f} ms/step "
-          f"(c_d / c_t = {c_d / c_t:.3f}; weight bytes ratio {w_d / w_t:.3f})")
-
-    verify = {}
-    for w in sorted(set(args.verify_widths)):
-        verify[w] = verify_ms(params, cfg, w, args)
-        print(f"  verify({w}) {verify[w]:.3f} ms = {verify[w] / c_t:.3f} c_t "
-              f"({(w_t + kv_t) / verify[w] / 1e6:,.0f} GB/s)")
-
-    prefill_t = prefill_seconds(params, cfg, args)
     prefill_d = prefill_seconds(draft_params, draft_cfg, args)
     big_g = max(args.fit_gammas)
     loop = spec_round_ms(params, cfg, draft_params, draft_cfg, args, num_draft=big_g, gammas=args.fit_gammas,
@@ -399,12 +382,12 @@ def part_shapes(args, env, bandwidth: float) -> dict[str, Any]:
     ms = np.array([r["round_ms"] for r in loop], np.float64)
     d, v = np.polyfit(gs, ms, 1)  # round_ms = v + g * d
     overhead = v - verify[big_g + 1]
+    print(f"  plain decode: draft {c_d:.3f} ms/step (c_d / c_t = {c_d / c_t:.3f})")
     for r in loop:
         print(f"  in-loop g={r['gamma']}: {r['round_ms']:.3f} ms/round ({r['rounds']} rounds, "
               f"{r['accepted']}/{r['drafted']} accepted)  fit {v + d * r['gamma']:.3f}")
     print(f"  fit: round = {v:.3f} + g * {d:.3f} ms; draft in loop D = {d:.3f} ms = {d / c_d:.3f} x its plain "
           f"step; overhead O = V - verify({big_g + 1}) = {overhead:.3f} ms = {overhead / c_t:.3f} c_t")
-
     table = {}
     for a in ACCEPTANCE_RATES:
         table[a] = {g: predicted_speedup(a, g, c_t, d, verify[g + 1], overhead)
@@ -412,9 +395,46 @@ def part_shapes(args, env, bandwidth: float) -> dict[str, Any]:
         best = max(table[a], key=table[a].get)
         print(f"  predicted a={a}: " + "  ".join(f"g{g} {s:.2f}" for g, s in table[a].items())
               + f"   best g={best}: {table[a][best]:.2f}x")
+    return {"weight_bytes": weight_bytes(draft_params, draft_cfg), "c_d_ms": c_d, "prefill_s": prefill_d,
+            "in_loop": loop, "fit": {"V_ms": v, "D_ms": d, "overhead_ms": overhead}, "predicted": table}
+
+
+def part_shapes(args, env, bandwidth: float) -> dict[str, Any]:
+    names = ("tiny", None) if args.tiny else ("8b", "1b")
+    cfg = ModelConfig.from_hf(HF_CONFIGS[names[0]], dtype="bfloat16")
+    draft_cfg = ModelConfig.from_hf(TINY_DRAFT if args.tiny else HF_CONFIGS[names[1]], dtype="bfloat16")
+    params = jax.block_until_ready(model.init_params(cfg, jax.random.key(args.seed)))
+    draft_bf16 = jax.block_until_ready(model.init_params(draft_cfg, jax.random.key(args.seed + 1)))
+    w_t = weight_bytes(params, cfg)
+    kv_t = kv_cache.bytes_per_token(cfg) * (args.prompt_len + args.shape_new_tokens / 2)
+    print(f"\nshapes: target {names[0]} ({w_t / 1e9:.2f} GB), draft {names[1] or 'tiny-draft'} "
+          f"({weight_bytes(draft_bf16, draft_cfg) / 1e9:.2f} GB bf16) in weight formats {args.draft_weights}, "
+          f"random weights, batch 1, prompt {args.prompt_len}, {args.shape_new_tokens} new tokens")
+
+    dec_args = argparse.Namespace(seed=args.seed, prompt_len=args.prompt_len, new_tokens=args.shape_new_tokens,
+                                  kv_format=None, attention_impl="auto", reps=args.reps)
+    c_t = bench_ours(params, cfg, dec_args, 1)["ms_per_step"]
+    print(f"  plain decode: target {c_t:.3f} ms/step ({1e3 / c_t:.0f} tok/s, {(w_t + kv_t) / c_t / 1e6:,.0f} GB/s, "
+          f"roofline {(w_t + kv_t) / bandwidth * 1e3:.3f} ms)")
+
+    verify = {}
+    for w in sorted(set(args.verify_widths)):
+        verify[w] = verify_ms(params, cfg, w, args)
+        print(f"  verify({w}) {verify[w]:.3f} ms = {verify[w] / c_t:.3f} c_t "
+              f"({(w_t + kv_t) / verify[w] / 1e6:,.0f} GB/s)")
+    prefill_t = prefill_seconds(params, cfg, args)
+
+    drafts = {}
+    for fmt_name in args.draft_weights:
+        draft_params = model.quantize_weights(draft_bf16, fmt_name)
+        print(f"\n  draft weights {fmt_name}: {weight_bytes(draft_params, draft_cfg) / 1e9:.2f} GB")
+        drafts[fmt_name] = draft_costs(params, cfg, draft_params, draft_cfg, args, c_t=c_t, verify=verify,
+                                       prefill_t=prefill_t, dec_args=dec_args)
+        del draft_params
 
     # draft = target: every token accepted ("always"), and the exact greedy rule for reference.
     g = args.self_gamma
+    overhead = drafts[args.draft_weights[0]]["fit"]["overhead_ms"]
     prefill_self = 2 * prefill_t
     self_runs = {}
     for rule in ("always", "exact"):
@@ -428,10 +448,9 @@ def part_shapes(args, env, bandwidth: float) -> dict[str, Any]:
         print(f"  self-draft g={g} rule={rule}: {r['tokens_per_round']:.2f} tokens/round, {tokens_ms * 1e3:.0f} tok/s "
               f"vs plain {1e3 / c_t:.0f}: measured x{r['measured_speedup']:.3f}, predicted "
               f"x{r['predicted_speedup']:.3f} (ratio {r['measured_speedup'] / r['predicted_speedup']:.3f})")
-    return {"target": names[0], "draft": names[1] or "tiny-draft", "weight_bytes": {"target": w_t, "draft": w_d},
-            "kv_bytes_per_step_target": kv_t, "c_t_ms": c_t, "c_d_ms": c_d, "verify_ms": verify,
-            "prefill_s": {"target": prefill_t, "draft": prefill_d}, "in_loop": loop,
-            "fit": {"V_ms": v, "D_ms": d, "overhead_ms": overhead}, "predicted": table, "self_draft": self_runs}
+    return {"target": names[0], "draft": names[1] or "tiny-draft", "weight_bytes": {"target": w_t},
+            "kv_bytes_per_step_target": kv_t, "c_t_ms": c_t, "verify_ms": verify, "prefill_s": {"target": prefill_t},
+            "drafts": drafts, "self_draft": self_runs}
 
 
 # ----------------------------------------------------------------------------- report
@@ -444,14 +463,15 @@ def acceptance(result: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
         s = lk["summary"]["speedup"]
         checks.append(("lookup tok/s >= 1.8x plain generate()", s >= 1.8, f"x{s:.2f}"))
     sh = result.get("shapes")
-    if sh and "fit" in sh:
-        c_t, c_d, ver, fit = sh["c_t_ms"], sh["c_d_ms"], sh["verify_ms"], sh["fit"]
+    if sh and "drafts" in sh:
+        c_t, ver = sh["c_t_ms"], sh["verify_ms"]
         if 5 in ver:
             checks.append(("verify(5) <= 1.15 plain target step", ver[5] / c_t <= 1.15, f"{ver[5] / c_t:.3f}"))
-        ratio = fit["D_ms"] / c_d
-        checks.append(("draft step in loop <= 1.1 its plain step", ratio <= 1.1, f"{ratio:.3f}"))
-        best = max(sh["predicted"][0.8].values())
-        checks.append(("best predicted speedup at a=0.8 >= 1.8", best >= 1.8, f"x{best:.2f}"))
+        for fmt_name, dr in sh["drafts"].items():
+            ratio = dr["fit"]["D_ms"] / dr["c_d_ms"]
+            checks.append((f"{fmt_name} draft: step in loop <= 1.1 its plain step", ratio <= 1.1, f"{ratio:.3f}"))
+            best = max(dr["predicted"][0.8].values())
+            checks.append((f"{fmt_name} draft: best predicted speedup at a=0.8 >= 1.8", best >= 1.8, f"x{best:.2f}"))
         r = sh["self_draft"]["always"]
         ratio = r["measured_speedup"] / r["predicted_speedup"]
         checks.append(("self-draft measured within 10% of predicted", abs(ratio - 1) <= 0.10, f"{ratio:.3f}"))
@@ -481,18 +501,22 @@ def markdown(result: dict[str, Any]) -> str:
               "-" if r["first_divergence"] is None else r["first_divergence"]] for r in lk["rows"]]))
         lines.append("")
     sh = result.get("shapes")
-    if sh and "fit" in sh:
-        c_t, fit = sh["c_t_ms"], sh["fit"]
-        lines += [f"## Draft model cost model: {sh['target']} target, {sh['draft']} draft, random bf16, batch 1", "",
-                  f"Plain decode: target c_t = {c_t:.3f} ms/step, draft c_d = {sh['c_d_ms']:.3f} ms/step. "
-                  f"In the loop: round = {fit['V_ms']:.3f} + g x {fit['D_ms']:.3f} ms, so D = "
-                  f"{fit['D_ms'] / sh['c_d_ms']:.3f} c_d; loop overhead O = {fit['overhead_ms']:.3f} ms.", ""]
+    if sh and "drafts" in sh:
+        c_t = sh["c_t_ms"]
+        lines += [f"## Draft model cost model: {sh['target']} target (random bf16), {sh['draft']} draft (random "
+                  f"weights), batch 1", "", f"Plain decode: target c_t = {c_t:.3f} ms/step.", ""]
         verify_rows = [[w, fmt(ms, ".3f"), fmt(ms / c_t, ".3f")] for w, ms in sh["verify_ms"].items()]
         lines.append(common.format_table(["tokens w", "verify(w) ms", "/ c_t"], verify_rows))
-        lines += ["", "Predicted speedup (1 - a^(g+1)) / ((1 - a)(g D + verify(g+1) + O) / c_t):", ""]
-        gs = list(next(iter(sh["predicted"].values())))
-        lines.append(common.format_table(["a"] + [f"g={g}" for g in gs],
-                                         [[a] + [fmt(t[g]) for g in gs] for a, t in sh["predicted"].items()]))
+        for fmt_name, dr in sh["drafts"].items():
+            fit = dr["fit"]
+            lines += ["", f"### Draft weights {fmt_name} ({dr['weight_bytes'] / 1e9:.2f} GB)", "",
+                      f"Plain decode: draft c_d = {dr['c_d_ms']:.3f} ms/step. In the loop: round = "
+                      f"{fit['V_ms']:.3f} + g x {fit['D_ms']:.3f} ms, so D = {fit['D_ms'] / dr['c_d_ms']:.3f} c_d; "
+                      f"loop overhead O = {fit['overhead_ms']:.3f} ms.", "",
+                      "Predicted speedup (1 - a^(g+1)) / ((1 - a)(g D + verify(g+1) + O) / c_t):", ""]
+            gs = list(next(iter(dr["predicted"].values())))
+            lines.append(common.format_table(["a"] + [f"g={g}" for g in gs],
+                                             [[a] + [fmt(t[g]) for g in gs] for a, t in dr["predicted"].items()]))
         lines.append("")
         for rule, r in sh["self_draft"].items():
             lines.append(f"- draft = target, g={r['gamma']}, rule {rule}: {r['tokens_per_round']:.2f} tokens/round, "

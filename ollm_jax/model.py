@@ -52,6 +52,67 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
 
 _dense_init = nn.initializers.normal(stddev=0.02)
 
+# The axes each matrix contracts with its input; the others are its output channels, in
+# the order they end the product (`_project`). `quantize_weights` stores an int8 matrix
+# as uint32 words [N, K/4] (N outputs, K contracted: the int8 KV cache's packing,
+# `kv_cache.pack_int8`) and a float32 scale per output, `<name>_scale` [N].
+CONTRACTED_AXES = {"w_q": (0,), "w_k": (0,), "w_v": (0,), "w_o": (1, 2), "w_gate": (0,), "w_up": (0,),
+                   "w_down": (0,), "lm_head": (0,), "embedding": (1,)}
+SCALE_SUFFIX = "_scale"
+WEIGHT_FORMATS = ("bf16", "int8")  # "bf16": as stored (the config's dtype)
+
+
+class Matrix(NamedTuple):
+    """A weight matrix as the params hold it: `values` in its declared shape and the
+    config's dtype (scale None), or int8 (`quantize_weights`): words [N, K/4] and scale [N]."""
+
+    values: jax.Array
+    scale: jax.Array | None
+    out_shape: tuple[int, ...]  # the output axes' sizes (N = their product)
+
+
+def _packed_shape(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
+    """(output shape, N, K) of matrix `name` declared with `shape`."""
+    contracted = CONTRACTED_AXES[name]
+    out_shape = tuple(n for i, n in enumerate(shape) if i not in contracted)
+    return out_shape, math.prod(out_shape), math.prod(shape[i] for i in contracted)
+
+
+def _matrix(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> Matrix:
+    """Declares one matrix (`_param`), or reads its int8 words and scale if the params hold those."""
+    out_shape, n, k = _packed_shape(name, shape)
+    scale_name = name + SCALE_SUFFIX
+    if not module.has_variable("params", scale_name):
+        return Matrix(_param(module, name, shape, axes, _dense_init), None, out_shape)
+    words, scale = module.get_variable("params", name), module.get_variable("params", scale_name)
+    if words.shape != (n, k // 4) or words.dtype != jnp.uint32 or scale.shape != (n,):
+        raise ValueError(f"{module.path}/{name}: int8 params must be words uint32 [{n}, {k // 4}] and scale [{n}] "
+                         f"(`quantize_weights` of a {shape} matrix); got {words.dtype} {words.shape} and "
+                         f"{scale.shape}")
+    return Matrix(words, scale, out_shape)
+
+
+def _project(spec: str, x: jax.Array, w: Matrix, out_dtype=None) -> jax.Array:
+    """einsum(spec, x, w) with x's trailing axes contracted and w's output axes ending the
+    result, in `out_dtype` (default x's). An int8 matrix runs as `pallas_kernels.gemv_int8`
+    on a GPU for up to its MAX_ROWS rows of x (decode, verify), which reads the int8 bytes;
+    otherwise (prefill, CPU) as its plain-JAX reference, an XLA dot of the widened values."""
+    out_dtype = out_dtype or x.dtype
+    if w.scale is None:
+        return jnp.einsum(spec, x, w.values, preferred_element_type=out_dtype)
+    from pallas_kernels import gemv_int8  # the kernels import this package
+
+    k = 4 * w.values.shape[1]
+    rows = x.reshape(-1, k)  # [M, K]: the contracted axes end x
+    if on_gpu() and gemv_int8.supports(rows, w.values):
+        y = gemv_int8.gemv_int8(rows, w.values, w.scale, out_dtype=out_dtype)
+    else:
+        y = gemv_int8.gemv_int8_reference(rows, w.values, w.scale, out_dtype=out_dtype)
+    lead = x.shape[:-1]
+    while math.prod(x.shape[len(lead):]) < k:
+        lead = lead[:-1]
+    return y.reshape(*lead, *w.out_shape)
+
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis, as Hugging Face: normalise in float32, cast back, scale."""
@@ -128,12 +189,12 @@ class Attention(nn.Module):
         cfg = self.cfg
         e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         b, t = x.shape[:2]
-        w_q = _param(self, "w_q", (e, h, d), ("embed", "q_heads", "head_dim"), _dense_init)
-        w_k = _param(self, "w_k", (e, k, d), ("embed", "kv_heads", "head_dim"), _dense_init)
-        w_v = _param(self, "w_v", (e, k, d), ("embed", "kv_heads", "head_dim"), _dense_init)
+        w_q = _matrix(self, "w_q", (e, h, d), ("embed", "q_heads", "head_dim"))
+        w_k = _matrix(self, "w_k", (e, k, d), ("embed", "kv_heads", "head_dim"))
+        w_v = _matrix(self, "w_v", (e, k, d), ("embed", "kv_heads", "head_dim"))
         # [E, H, D]: the decode GEMV reduces over the minor (H, D) axes, a row reduction XLA
         # fuses with its multiply; as [H, D, E] it wrote an [H, D, E] temporary per layer.
-        w_o = _param(self, "w_o", (e, h, d), ("embed", "q_heads", "head_dim"), _dense_init)
+        w_o = _matrix(self, "w_o", (e, h, d), ("embed", "q_heads", "head_dim"))
         biases = None
         if cfg.qkv_bias:
             biases = (_param(self, "b_q", (h, d), ("q_heads", "head_dim"), nn.initializers.zeros),
@@ -145,16 +206,16 @@ class Attention(nn.Module):
             from pallas_kernels import norm_qkv  # the kernels import this package
 
             q, k_new, v_new = norm_qkv.norm_qkv_rope(
-                x.reshape(b * t, e), norm.scale, w_q, w_k, w_v, positions.reshape(b * t), inv_frequencies(cfg),
-                biases, eps=cfg.rms_norm_eps, interpret=not on_gpu(),
+                x.reshape(b * t, e), norm.scale, w_q.values, w_k.values, w_v.values, positions.reshape(b * t),
+                inv_frequencies(cfg), biases, eps=cfg.rms_norm_eps, interpret=not on_gpu(),
             )  # [B*T, H, D], [B*T, K, D] x 2
             q, k_new, v_new = (y.reshape(b, t, *y.shape[1:]) for y in (q, k_new, v_new))
             write_impl = "pallas"  # K and V in one append launch, dense stores too
         else:
             xn = norm(x)  # [B, T, E]
-            q = jnp.einsum("bte,ehd->bthd", xn, w_q)  # [B, T, H, D]
-            k_new = jnp.einsum("bte,ekd->btkd", xn, w_k)  # [B, T, K, D]
-            v_new = jnp.einsum("bte,ekd->btkd", xn, w_v)  # [B, T, K, D]
+            q = _project("bte,ehd->bthd", xn, w_q)  # [B, T, H, D]
+            k_new = _project("bte,ekd->btkd", xn, w_k)  # [B, T, K, D]
+            v_new = _project("bte,ekd->btkd", xn, w_v)  # [B, T, K, D]
             if biases is not None:
                 q, k_new, v_new = q + biases[0], k_new + biases[1], v_new + biases[2]
             if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim, before RoPE.
@@ -168,23 +229,23 @@ class Attention(nn.Module):
             q, layer_cache, positions, sliding_window=cfg.sliding_window, pattern=attn.pattern,
             q_offset=attn.q_offset, impl=attn.impl,
         )  # [B, T, H, D]
-        out = jnp.einsum("bthd,ehd->bte", out, w_o)  # [B, T, E]
+        out = _project("bthd,ehd->bte", out, w_o)  # [B, T, E]
         if cfg.o_bias:
             out = out + _param(self, "b_o", (e,), ("embed",), nn.initializers.zeros)
         return out, layer_cache
 
 
-def _fused_projection(impl: str, cfg: ModelConfig, x: jax.Array, w_q: jax.Array, w_k: jax.Array) -> bool:
+def _fused_projection(impl: str, cfg: ModelConfig, x: jax.Array, w_q: Matrix, w_k: Matrix) -> bool:
     """Whether the q/k/v projection runs as the fused Pallas kernels (`pallas_kernels.norm_qkv`):
     under "pallas" only (interpret mode off the GPU), for decode-sized steps (B x T <= its
-    MAX_ROWS), not with Qwen3's qk-norm (between the GEMV and RoPE). "auto" keeps XLA's
-    path, which measured faster on an H200 (see that module)."""
-    if cfg.qk_norm or impl != "pallas":
+    MAX_ROWS), not with Qwen3's qk-norm (between the GEMV and RoPE) nor quantized weights. "auto"
+    keeps XLA's path, which measured faster on an H200 (see that module)."""
+    if cfg.qk_norm or impl != "pallas" or w_q.scale is not None:
         return False
     from pallas_kernels import norm_qkv
 
     b, t, e = x.shape
-    return norm_qkv.supports(x.reshape(b * t, e), w_q, w_k)
+    return norm_qkv.supports(x.reshape(b * t, e), w_q.values, w_k.values)
 
 
 class MLP(nn.Module):
@@ -193,12 +254,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         e, f = self.cfg.hidden_size, self.cfg.intermediate_size
-        w_gate = _param(self, "w_gate", (e, f), ("embed", "mlp"), _dense_init)
-        w_up = _param(self, "w_up", (e, f), ("embed", "mlp"), _dense_init)
-        w_down = _param(self, "w_down", (f, e), ("mlp", "embed"), _dense_init)
-        gate = jnp.einsum("bte,ef->btf", x, w_gate)  # [B, T, F]
-        up = jnp.einsum("bte,ef->btf", x, w_up)  # [B, T, F]
-        return jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, w_down)  # [B, T, E]
+        w_gate = _matrix(self, "w_gate", (e, f), ("embed", "mlp"))
+        w_up = _matrix(self, "w_up", (e, f), ("embed", "mlp"))
+        w_down = _matrix(self, "w_down", (f, e), ("mlp", "embed"))
+        gate = _project("bte,ef->btf", x, w_gate)  # [B, T, F]
+        up = _project("bte,ef->btf", x, w_up)  # [B, T, F]
+        return _project("btf,fe->bte", jax.nn.silu(gate) * up, w_down)  # [B, T, E]
 
 
 class Block(nn.Module):
@@ -222,8 +283,11 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, cache: kv_cache.KVCache, logits_index=None):
         cfg = self.cfg
-        embedding = _param(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), _dense_init)
-        x = jnp.take(embedding, tokens, axis=0)  # [B, T, E]
+        embedding = _matrix(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        x = jnp.take(embedding.values, tokens, axis=0)  # [B, T, E] (int8: words [B, T, E/4])
+        if embedding.scale is not None:  # int8 rows, a scale per row
+            rows = kv_cache.unpack_int8(x).astype(jnp.float32)  # [B, T, E]
+            x = (rows * jnp.take(embedding.scale, tokens)[..., None]).astype(cfg.dtype)
         layers = []
         for i in range(cfg.num_layers):
             x, layer = Block(cfg, name=f"layers_{i}")(x, positions, cache.layers[i], self.attn)
@@ -232,10 +296,10 @@ class Transformer(nn.Module):
         if logits_index is not None:  # only the rows whose logits are wanted: [B, N, E]
             x = jnp.take_along_axis(x, logits_index[:, :, None], axis=1)
         if cfg.tie_word_embeddings:
-            logits = jnp.einsum("bne,ve->bnv", x, embedding, preferred_element_type=jnp.float32)
+            logits = _project("bne,ve->bnv", x, embedding, jnp.float32)
         else:
-            w_lm = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), _dense_init)
-            logits = jnp.einsum("bne,ev->bnv", x, w_lm, preferred_element_type=jnp.float32)
+            w_lm = _matrix(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+            logits = _project("bne,ev->bnv", x, w_lm, jnp.float32)
         return logits, kv_cache.advance(cache, tuple(layers), positions)
 
 
@@ -298,6 +362,49 @@ def logical_axes(cfg: ModelConfig) -> Params:
 def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     """Random weights (normal(0.02) matrices, unit norms, zero biases)."""
     return nn.meta.unbox(_init_boxed(cfg, key))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_int8(w: jax.Array, contracted: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """w -> (words uint32 [N, K/4], scale f32 [N]): symmetric, absmax / 127 per output."""
+    out_axes = tuple(i for i in range(w.ndim) if i not in contracted)
+    w = jnp.transpose(w, out_axes + contracted).astype(jnp.float32)  # outputs first
+    w = w.reshape(math.prod(w.shape[: len(out_axes)]), -1)  # [N, K]
+    amax = jnp.max(jnp.abs(w), axis=1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)  # [N, 1]
+    values = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    return kv_cache.pack_int8(values), scale[:, 0]
+
+
+def quantize_weights(params: Params, weight_format: str = "int8") -> Params:
+    """The params with every matrix (`CONTRACTED_AXES`) in `weight_format`.
+
+    "int8": weight-only, symmetric, a float32 scale per output channel, stored as words
+    [N, K/4] (`<name>`) and scale [N] (`<name>_scale`); norms and biases stay as they are.
+    `forward` takes the result as it takes the original (activations stay in the config's
+    dtype) and reads half the bytes of bf16 matrices per decode step: gpt-fast's int8
+    weight-only mode, and what a draft model for speculative decoding wants. "bf16"
+    returns the params as given.
+    """
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format {weight_format!r}: expected one of {WEIGHT_FORMATS}")
+    if weight_format == "bf16":
+        return params
+
+    def walk(tree: Params) -> Params:
+        out = {}
+        for name, x in tree.items():
+            if isinstance(x, dict):
+                out[name] = walk(x)
+            elif name in CONTRACTED_AXES:
+                if name + SCALE_SUFFIX in tree:
+                    raise ValueError(f"{name}: already quantized ({x.dtype} {x.shape} with a {name}{SCALE_SUFFIX})")
+                out[name], out[name + SCALE_SUFFIX] = _quantize_int8(x, CONTRACTED_AXES[name])
+            else:
+                out[name] = x
+        return out
+
+    return walk(params)
 
 
 def num_params(params: Params) -> int:

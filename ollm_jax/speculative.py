@@ -46,7 +46,7 @@ from flax import struct
 from ollm_jax import kv_cache
 from ollm_jax.config import ModelConfig
 from ollm_jax.generation import PAD_ID, _is_eos, check_prompt, prefill
-from ollm_jax.model import Params, forward, param_specs
+from ollm_jax.model import Params, forward, param_bytes
 from ollm_jax.sampling import SamplingParams, processed_logits
 
 PROMPT_LOOKUP = "prompt_lookup"
@@ -248,10 +248,6 @@ def _best_gamma(alpha: jax.Array, draft_cost: float, num_draft: int) -> jax.Arra
 # ----------------------------------------------------------------------------- the loop
 
 
-def _param_bytes(cfg: ModelConfig) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(param_specs(cfg)))
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "draft_cfg", "num_draft_tokens", "max_new_tokens", "sampling", "eos_ids",
@@ -303,7 +299,7 @@ def run(
             logits_index=(prompt_lengths - 1)[:, None], attention_impl=attention_impl, q_offset=0,
         )  # logits unused (dropped by XLA): the draft's first token comes from the loop
         # Memory-bound decoding: a step costs about the bytes of weights it reads.
-        draft_cost = max(_param_bytes(draft_cfg) / _param_bytes(cfg), _MIN_DRAFT_COST)
+        draft_cost = max(param_bytes(draft_params) / param_bytes(params), _MIN_DRAFT_COST)
 
     zeros = jnp.zeros((batch,), jnp.int32)
     gamma0 = big_g if initial_gamma is None else initial_gamma

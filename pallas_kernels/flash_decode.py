@@ -221,7 +221,7 @@ def _words_to_fp16(words: jax.Array, ptx: tuple[str, ...], constraints: str) -> 
             for asm in ptx]
 
 
-def _int8_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False) -> list[jax.Array]:
+def int8_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False) -> list[jax.Array]:
     """uint32 words [Ts, Q] -> the four quarters' values, fp16 [Ts, Q] each, exact (plus
     INT8_BIAS when `biased`)."""
     if interpret:
@@ -382,7 +382,7 @@ def _flash_decode_kernel(
             return qk(q, k) * score_scale
         if k_kind == "int8":
             words = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0)  # [Ts, Q] u32
-            k = _int8_words_to_fp16(words, interpret, biased=True)  # [Ts, Q] x 4: bias + k
+            k = int8_words_to_fp16(words, interpret, biased=True)  # [Ts, Q] x 4: bias + k
             dots = [qk(q_c, k_c) for q_c, k_c in zip(q_quarters, k)]
             return (dots[0] + dots[1] + dots[2] + dots[3] - by_head(q_bias)) * by_token(k_sc[0])
         # Per group: q . (bias + nibbles) over its quarters and chunks, f32.
@@ -420,7 +420,7 @@ def _flash_decode_kernel(
         if v_kind == "int8":
             # Unbiased: removing V's bias after the loop needs sum(p_scaled) a block, which
             # costs what it saves (offline SASS).
-            v = _int8_words_to_fp16(plt.load(v_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, Q] x 4
+            v = int8_words_to_fp16(plt.load(v_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, Q] x 4
             p_scaled = (p * by_token(v_sc[0])).astype(qdt)  # the V scale on the probabilities
             return tuple(a + pv(p_scaled, v_c) for a, v_c in zip(acc, v))
         p_scaled, z_acc = [], list(acc[4 * v_chunks :])

@@ -1,0 +1,257 @@
+"""int8 weight-only matrix products for decode-sized steps (Pallas, Triton).
+
+    y [M, N] = x [M, K] @ (scale [N] * W [N, K])^T,    M <= MAX_ROWS
+
+with W as `ollm_jax.model.quantize_weights` stores it: int8 values packed four to a uint32
+word along K in the KV cache's layout (`kv_cache.pack_int8`: byte c of word j is column
+j + c K/4), words [N, K/4], and a float32 scale per output row.
+
+Why a kernel: XLA's Triton GEMM converts an int8 (or fp8) operand inside the fusion but at
+M = 1 it read such a matrix at 1.5-1.9 TB/s on an H200, below its 3.7 TB/s for bf16, so
+the halved bytes came back as time (bench/results/2026-11-27-h200-speculative-shapes.md,
+session 6). Here the words become fp16 with the int8 KV cache's lop3/prmt sequence
+(`flash_decode.int8_words_to_fp16`, four values in about five instructions), x enters
+the tensor cores as fp16 (clipped to +-65504, bf16's range beyond it), and the scale is
+applied once per output.
+
+Grid (N / BN, S): program (i, s) reads rows [i BN, (i + 1) BN) of W and words
+[s Kw / S, (s + 1) Kw / S) of each (Kw = K / 4), in steps of BKw words, four dots a step
+(one per byte c, against x's columns c K/4 + word). With S = 1 it writes y in x's dtype;
+with S > 1 it writes f32 partials [S, M, N], summed and scaled by XLA after. `transposed`
+puts W's rows on the mma's M (acc [BN, Mp], x padded to Mp >= 8 rows) instead of x's
+(acc [Mp, BN], Mp >= 16).
+
+Dimensions: M rows of x, K contracted, N outputs, Kw = K / 4 words a row, BN rows and BKw
+words per tile, S splits of K, Mp = M padded to the mma.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+import pallas_kernels  # noqa: F401  (filters the Triton deprecation warning)
+from ollm_jax import kv_cache
+from pallas_kernels.flash_decode import int8_words_to_fp16
+
+MAX_ROWS = 16
+FP16_MAX = 65504.0
+NUM_SMS = 132  # H100 / H200
+
+
+class Config(NamedTuple):
+    block_n: int
+    block_kw: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+    transposed: int
+
+
+def default_config(n: int, kw: int) -> Config:
+    """BN 16 below 8192 outputs, else 64; splits of K until the grid covers ~2 waves of SMs."""
+    block_n = 16 if n < 8192 else 64
+    block_kw = min(128, kw & -kw)
+    splits = 1
+    while (n // block_n) * splits < 2 * NUM_SMS and kw % (2 * splits * block_kw) == 0:
+        splits *= 2
+    return Config(block_n, block_kw, splits, num_warps=4, num_stages=3, transposed=1)
+
+
+def supports(x: jax.Array, words: jax.Array) -> bool:
+    """Whether the kernel takes x [M, K], words [N, K/4]: M <= MAX_ROWS, N a multiple of 16
+    and K/4 of 16."""
+    m, k = x.shape
+    n, kw = words.shape
+    return m <= MAX_ROWS and k == 4 * kw and n % 16 == 0 and kw % 16 == 0
+
+
+def _kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, quarter: int, block_kw: int, steps: int, scaled: bool,
+            transposed: bool, interpret: bool):
+    # x_ref [Mp, K] (rows >= M outside x: masked); w_ref [BN, Kw / S] words; s_ref [BN];
+    # o_ref [Mp, BN] (rows >= M masked on store), or the f32 partial of this split.
+    f32, mp = jnp.float32, x_ref.shape[0]
+    first = pl.program_id(1) * steps * block_kw  # this split's first word
+    row_mask = None if mp == m else (jnp.arange(mp) < m)[:, None]  # [Mp, 1]
+
+    def load_x(c, k0):  # x's columns c K/4 + word, fp16 [Mp, BKw]
+        cols = pl.ds(c * quarter + first + k0, block_kw)
+        x = x_ref[:, cols] if row_mask is None else plt.load(x_ref.at[:, cols], mask=row_mask, other=0)
+        return jnp.clip(x.astype(f32), -FP16_MAX, FP16_MAX).astype(jnp.float16)
+
+    def body(i, acc):
+        k0 = pl.multiple_of(i * block_kw, block_kw)
+        words = w_ref[:, pl.ds(k0, block_kw)]  # [BN, BKw] uint32
+        for c, w_c in enumerate(int8_words_to_fp16(words, interpret)):  # [BN, BKw] fp16: byte c, exact
+            x_c = load_x(c, k0)
+            if transposed:
+                acc += jnp.dot(w_c, x_c.T, preferred_element_type=f32)  # [BN, Mp]
+            else:
+                acc += jnp.dot(x_c, w_c.T, preferred_element_type=f32)  # [Mp, BN]
+        return acc
+
+    bn = w_ref.shape[0]
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, mp) if transposed else (mp, bn), f32))
+    acc = acc.T if transposed else acc  # [Mp, BN]
+    if scaled:
+        acc = acc * s_ref[...][None, :]
+    out = acc.astype(o_ref.dtype)
+    if row_mask is None:
+        o_ref[...] = out
+    else:
+        plt.store(o_ref.at[...], out, mask=row_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_kw", "num_splits", "num_warps",
+                                             "num_stages", "transposed", "interpret"))
+def gemv_int8(
+    x: jax.Array,
+    words: jax.Array,
+    scale: jax.Array,
+    *,
+    out_dtype=None,
+    block_n: int | None = None,
+    block_kw: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    transposed: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """x [M, K] @ (scale [N] * unpack(words) [N, K])^T -> [M, N] in `out_dtype` (default x's).
+
+    Args:
+      x: [M, K] bf16 / fp16 / f32, M <= MAX_ROWS.
+      words: [N, K/4] uint32, int8 values packed along K (`kv_cache.pack_int8`).
+      scale: [N] f32 per output row.
+      block_n, block_kw, num_splits, num_warps, num_stages, transposed: tuning knobs
+        (`Config`); None takes `default_config`'s.
+      interpret: run in Pallas interpret mode (CPU tests).
+    """
+    m, k = x.shape
+    n, kw = words.shape
+    if not supports(x, words) or words.dtype != jnp.uint32 or scale.shape != (n,):
+        raise ValueError(f"gemv_int8 takes x [M <= {MAX_ROWS}, K], words uint32 [N % 16 == 0, K/4 % 16 == 0], "
+                         f"scale [N]; got {x.shape=} {words.shape=} {words.dtype=} {scale.shape=}")
+    d = default_config(n, kw)
+    cfg = Config(*(v if v is not None else dv for v, dv in zip(
+        (block_n, block_kw, num_splits, num_warps, num_stages, transposed), d)))
+    per_split = kw // cfg.num_splits
+    if n % cfg.block_n or kw % cfg.num_splits or per_split % cfg.block_kw:
+        raise ValueError(f"{cfg}: block_n must divide N = {n}, and num_splits x block_kw the {kw} words a row")
+    mp = max(8 if cfg.transposed else 16, pl.next_power_of_2(m))
+    scaled = cfg.num_splits == 1
+    kernel = functools.partial(_kernel, m=m, quarter=kw, block_kw=cfg.block_kw, steps=per_split // cfg.block_kw,
+                               scaled=scaled, transposed=bool(cfg.transposed), interpret=interpret)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    y = pl.pallas_call(
+        kernel,
+        grid=(n // cfg.block_n, cfg.num_splits),
+        in_specs=[pl.BlockSpec((mp, k), lambda i, s: (0, 0)),
+                  pl.BlockSpec((cfg.block_n, per_split), lambda i, s: (i, s)),
+                  pl.BlockSpec((cfg.block_n,), lambda i, s: (i,))],
+        out_specs=pl.BlockSpec((None, mp, cfg.block_n), lambda i, s: (s, 0, i)),
+        out_shape=jax.ShapeDtypeStruct((cfg.num_splits, m, n), out_dtype if scaled else jnp.float32),
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="gemv_int8",
+    )(x, words, scale.astype(jnp.float32))
+    if scaled:
+        return y[0]
+    return (jnp.sum(y, axis=0) * scale).astype(out_dtype)
+
+
+def gemv_int8_reference(x: jax.Array, words: jax.Array, scale: jax.Array, *, out_dtype=None) -> jax.Array:
+    """`gemv_int8` in plain JAX: the int8 matrix widened to x's dtype in an XLA dot, scaled after."""
+    w = kv_cache.unpack_int8(words).astype(x.dtype)  # [N, K]
+    y = jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32)
+    return (y * scale).astype(out_dtype or x.dtype)
+
+
+# ------------------------------------------------------------------------------- bench
+
+# The matrices of one Llama-3.2-1B decode step as gemv_int8 sees them: N, K.
+SHAPES_1B = {"q": (2048, 2048), "k|v": (512, 2048), "o": (2048, 2048), "gate|up": (8192, 2048),
+             "down": (2048, 8192), "lm_head": (128256, 2048)}
+
+
+def _bench(argv=None):  # pragma: no cover - GPU only
+    """Busy time per call of each knob set beside XLA's bf16 dot (the anchor) and XLA's dot
+    of the widened int8 matrix (the reference), with GB/s of the bytes each reads."""
+    import argparse
+    import itertools
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import common
+
+    p = argparse.ArgumentParser(description="Sweep gemv_int8 against XLA's bf16 and int8 dots.")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES_1B), help=f"names of {list(SHAPES_1B)} or N,K")
+    p.add_argument("--rows", default="1,5", help="comma list of M")
+    p.add_argument("--block-n", default="")  # empty: the default config's
+    p.add_argument("--block-kw", default="")
+    p.add_argument("--num-splits", default="")
+    p.add_argument("--num-warps", default="")
+    p.add_argument("--num-stages", default="")
+    p.add_argument("--transposed", default="")
+    p.add_argument("--bytes-per-run", type=float, default=0.5, help="GB of weights cycled per timed run (past L2)")
+    p.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes)")
+    args = p.parse_args(argv)
+    knob_lists = [[None] if not s else [int(v) for v in s.split(",")] for s in
+                  (args.block_n, args.block_kw, args.num_splits, args.num_warps, args.num_stages, args.transposed)]
+
+    env = common.environment()
+    common.print_environment(env)
+    copy_bw = common.jax_copy_bandwidth(1 << (20 if args.interpret else 30))
+    print(f"ceiling     jax copy (x + 1) of a 1 GiB buffer: {copy_bw / 1e9:.0f} GB/s on {env['jax_device_kind']}")
+    headers = ["matrix", "N,K", "M", "impl", "BN,BKw,S,warps,stages,T", "busy us", "GB/s", "% copy", "max|err|"]
+    rows = []
+    for name, m in itertools.product(args.shapes, [int(v) for v in args.rows.split(",")]):
+        n, k = SHAPES_1B[name] if name in SHAPES_1B else map(int, name.split(","))
+        copies = max(2, min(64, int(args.bytes_per_run * 1e9 / (n * k))))
+        key = jax.random.key(n + k)
+        x = jax.random.normal(key, (m, k), jnp.bfloat16)
+        sets = []
+        for i in range(copies):
+            ki = jax.random.fold_in(key, i)
+            w = 0.02 * jax.random.normal(ki, (n, k), jnp.bfloat16)
+            q = jnp.clip(jnp.round(w.astype(jnp.float32) / 0.02 * 40), -127, 127).astype(jnp.int8)
+            sets.append((w, kv_cache.pack_int8(q), jnp.full((n,), 0.02 / 40, jnp.float32)))
+        jax.block_until_ready(sets)
+        anchor = jax.jit(lambda s: [jnp.einsum("mk,nk->mn", x, w) for w, _, _ in s])
+        ref = jax.jit(lambda s: [gemv_int8_reference(x, wd, sc) for _, wd, sc in s])
+        want = ref(sets)[0]
+        runs = [("xla bf16", None, anchor, 2 * n * k), ("xla int8", None, ref, n * k)]
+        for knobs in itertools.product(*knob_lists):
+            fn = functools.partial(gemv_int8, block_n=knobs[0], block_kw=knobs[1], num_splits=knobs[2],
+                                   num_warps=knobs[3], num_stages=knobs[4], transposed=knobs[5],
+                                   interpret=args.interpret)
+            shown = Config(*(v if v is not None else dv for v, dv in zip(knobs, default_config(n, k // 4))))
+            runs.append(("pallas", shown, jax.jit(lambda s, fn=fn: [fn(x, wd, sc) for _, wd, sc in s]), n * k))
+        for impl, knobs, run, nbytes in runs:
+            try:
+                got = run(sets)[0]
+            except Exception as exc:  # a knob set the lowering rejects
+                print(f"{name} M={m} {knobs}: {type(exc).__name__}: {str(exc)[:160]}")
+                continue
+            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+            busy = common.device_busy_seconds(lambda run=run: run(sets), reps=3)
+            us = None if busy is None else busy / copies * 1e6
+            rows.append([name, f"{n},{k}", m, impl, "-" if knobs is None else ",".join(map(str, knobs)),
+                         "-" if us is None else f"{us:.2f}", "-" if us is None else f"{nbytes / us / 1e3:.0f}",
+                         "-" if us is None else f"{100 * nbytes / us / 1e3 / (copy_bw / 1e9):.0f}", f"{err:.3g}"])
+            print(" | ".join(map(str, rows[-1])), flush=True)
+    print("\ngemv_int8: busy us = GPU busy time per call in a profiler trace; GB/s = weight bytes read (bf16 for the "
+          "anchor, int8 otherwise) / busy time; % copy = of the jax copy bandwidth above; max|err| = against XLA's "
+          "int8 dot")
+    print(common.format_table(headers, rows))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _bench()
