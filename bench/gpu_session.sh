@@ -16,6 +16,7 @@
 #   bash bench/gpu_session.sh j    kernel tests compiled, the 128k decode defaults (int4 transposed), append at 4 and 8 warps
 #   bash bench/gpu_session.sh k    the 1B step with int8 weight-only matrices beside bf16, kernel by kernel
 #   bash bench/gpu_session.sh l    gemv_int8: its tests compiled, its tiles / warps beside XLA's dots, the 1B int8 step
+#   bash bench/gpu_session.sh m    gemv_int8 sweep: rows a program (warps following), splits, words a step
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -96,6 +97,11 @@ case "${1:-}" in
     step 200 gemv_tiles python3 -m pallas_kernels.gemv_int8 --rows 1 --block-n 16,32,64 --block-kw 64,128
     step 150 gemv_warps python3 -m pallas_kernels.gemv_int8 --rows 1,5 --num-warps 2,4,8 --transposed 0,1
     step 150 profile_1b_int8 python3 bench/decode_profile.py --model 1b --weights int8 --top 16 --out "$OUT/"
+    ;;
+  m)
+    # gemv_int8 with one warp per 16 rows (the mma's M): rows a program, splits of K, words a step.
+    step 400 gemv_sweep python3 -m pallas_kernels.gemv_int8 --rows 1 --block-n 16,32,64 --num-splits 1,2,4 \
+      --block-kw 64,128,256
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \

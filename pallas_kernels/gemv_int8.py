@@ -63,6 +63,17 @@ def default_config(n: int, kw: int) -> Config:
     return Config(block_n, block_kw, splits, num_warps=4, num_stages=3, transposed=1)
 
 
+def resolve_config(n: int, kw: int, *knobs: int | None) -> Config:
+    """The knobs given (block_n, block_kw, num_splits, num_warps, num_stages, transposed),
+    `default_config`'s for the others; warps follow block_n (one warp per 16 rows, the
+    mma's M) unless given."""
+    d = default_config(n, kw)
+    cfg = Config(*(v if v is not None else dv for v, dv in zip(knobs, d)))
+    if knobs[3] is None:
+        cfg = cfg._replace(num_warps=max(1, min(8, cfg.block_n // 16)))
+    return cfg
+
+
 def supports(x: jax.Array, words: jax.Array) -> bool:
     """Whether the kernel takes x [M, K], words [N, K/4]: M <= MAX_ROWS, N a multiple of 16
     and K/4 of 16."""
@@ -138,9 +149,7 @@ def gemv_int8(
     if not supports(x, words) or words.dtype != jnp.uint32 or scale.shape != (n,):
         raise ValueError(f"gemv_int8 takes x [M <= {MAX_ROWS}, K], words uint32 [N % 16 == 0, K/4 % 16 == 0], "
                          f"scale [N]; got {x.shape=} {words.shape=} {words.dtype=} {scale.shape=}")
-    d = default_config(n, kw)
-    cfg = Config(*(v if v is not None else dv for v, dv in zip(
-        (block_n, block_kw, num_splits, num_warps, num_stages, transposed), d)))
+    cfg = resolve_config(n, kw, block_n, block_kw, num_splits, num_warps, num_stages, transposed)
     per_split = kw // cfg.num_splits
     if n % cfg.block_n or kw % cfg.num_splits or per_split % cfg.block_kw:
         raise ValueError(f"{cfg}: block_n must divide N = {n}, and num_splits x block_kw the {kw} words a row")
@@ -232,7 +241,7 @@ def _bench(argv=None):  # pragma: no cover - GPU only
             fn = functools.partial(gemv_int8, block_n=knobs[0], block_kw=knobs[1], num_splits=knobs[2],
                                    num_warps=knobs[3], num_stages=knobs[4], transposed=knobs[5],
                                    interpret=args.interpret)
-            shown = Config(*(v if v is not None else dv for v, dv in zip(knobs, default_config(n, k // 4))))
+            shown = resolve_config(n, k // 4, *knobs)
             runs.append(("pallas", shown, jax.jit(lambda s, fn=fn: [fn(x, wd, sc) for _, wd, sc in s]), n * k))
         for impl, knobs, run, nbytes in runs:
             try:
