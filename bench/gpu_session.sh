@@ -17,6 +17,7 @@
 #   bash bench/gpu_session.sh k    the 1B step with int8 weight-only matrices beside bf16, kernel by kernel
 #   bash bench/gpu_session.sh l    gemv_int8: its tests compiled, its tiles / warps beside XLA's dots, the 1B int8 step
 #   bash bench/gpu_session.sh m    gemv_int8 sweep: rows a program (warps following), splits, words a step
+#   bash bench/gpu_session.sh n    gemv_int8 defaults and GLU, the 1B step with all or the MLP/head matrices in int8
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -102,6 +103,15 @@ case "${1:-}" in
     # gemv_int8 with one warp per 16 rows (the mma's M): rows a program, splits of K, words a step.
     step 400 gemv_sweep python3 -m pallas_kernels.gemv_int8 --rows 1 --block-n 16,32,64 --num-splits 1,2,4 \
       --block-kw 64,128,256
+    ;;
+  n)
+    # gemv_int8 at its new defaults (one warp, 64 words a step, 512 programs) and the GLU
+    # form; the 1B step with every matrix in int8, and with the MLP and LM head only.
+    step 100 weights_tests python3 -m pytest -q -p no:cacheprovider tests/test_weights.py
+    step 120 gemv_defaults python3 -m pallas_kernels.gemv_int8 --rows 1,5 --glu
+    step 120 profile_1b_int8 python3 bench/decode_profile.py --model 1b --weights int8 --top 12 --out "$OUT/"
+    step 120 profile_1b_int8_mlp python3 bench/decode_profile.py --model 1b --weights int8 --top 12 \
+      --int8-matrices w_gate w_up w_down embedding lm_head --out "$OUT/"
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \

@@ -104,7 +104,7 @@ def _project(spec: str, x: jax.Array, w: Matrix, out_dtype=None) -> jax.Array:
 
     k = 4 * w.values.shape[1]
     rows = x.reshape(-1, k)  # [M, K]: the contracted axes end x
-    if on_gpu() and gemv_int8.supports(rows, w.values):
+    if _int8_kernel(x, w):
         y = gemv_int8.gemv_int8(rows, w.values, w.scale, out_dtype=out_dtype)
     else:
         y = gemv_int8.gemv_int8_reference(rows, w.values, w.scale, out_dtype=out_dtype)
@@ -112,6 +112,17 @@ def _project(spec: str, x: jax.Array, w: Matrix, out_dtype=None) -> jax.Array:
     while math.prod(x.shape[len(lead):]) < k:
         lead = lead[:-1]
     return y.reshape(*lead, *w.out_shape)
+
+
+def _int8_kernel(x: jax.Array, w: Matrix) -> bool:
+    """Whether x's product with int8 matrix w runs as `pallas_kernels.gemv_int8`: on a GPU,
+    for decode-sized x (its rows, the contracted axes ending x, <= the kernel's MAX_ROWS)."""
+    if w.scale is None or not on_gpu():
+        return False
+    from pallas_kernels import gemv_int8
+
+    k = 4 * w.values.shape[1]
+    return gemv_int8.supports(x.reshape(-1, k), w.values)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -257,9 +268,17 @@ class MLP(nn.Module):
         w_gate = _matrix(self, "w_gate", (e, f), ("embed", "mlp"))
         w_up = _matrix(self, "w_up", (e, f), ("embed", "mlp"))
         w_down = _matrix(self, "w_down", (f, e), ("mlp", "embed"))
-        gate = _project("bte,ef->btf", x, w_gate)  # [B, T, F]
-        up = _project("bte,ef->btf", x, w_up)  # [B, T, F]
-        return _project("btf,fe->bte", jax.nn.silu(gate) * up, w_down)  # [B, T, E]
+        if _int8_kernel(x, w_gate) and w_up.scale is not None:  # both int8 matrices in one launch
+            from pallas_kernels import gemv_int8
+
+            b, t = x.shape[:2]
+            hidden = gemv_int8.gemv_int8_glu(x.reshape(b * t, e), w_gate.values, w_gate.scale, w_up.values,
+                                             w_up.scale).reshape(b, t, f)  # [B, T, F]
+        else:
+            gate = _project("bte,ef->btf", x, w_gate)  # [B, T, F]
+            up = _project("bte,ef->btf", x, w_up)  # [B, T, F]
+            hidden = jax.nn.silu(gate) * up
+        return _project("btf,fe->bte", hidden, w_down)  # [B, T, E]
 
 
 class Block(nn.Module):
@@ -376,18 +395,23 @@ def _quantize_int8(w: jax.Array, contracted: tuple[int, ...]) -> tuple[jax.Array
     return kv_cache.pack_int8(values), scale[:, 0]
 
 
-def quantize_weights(params: Params, weight_format: str = "int8") -> Params:
-    """The params with every matrix (`CONTRACTED_AXES`) in `weight_format`.
+def quantize_weights(params: Params, weight_format: str = "int8", matrices=None) -> Params:
+    """The params with the matrices named in `matrices` (default: all, `CONTRACTED_AXES`)
+    in `weight_format`.
 
     "int8": weight-only, symmetric, a float32 scale per output channel, stored as words
-    [N, K/4] (`<name>`) and scale [N] (`<name>_scale`); norms and biases stay as they are.
-    `forward` takes the result as it takes the original (activations stay in the config's
-    dtype) and reads half the bytes of bf16 matrices per decode step: gpt-fast's int8
-    weight-only mode, and what a draft model for speculative decoding wants. "bf16"
-    returns the params as given.
+    [N, K/4] (`<name>`) and scale [N] (`<name>_scale`); norms, biases and the matrices not
+    named stay as they are. `forward` takes the result as it takes the original
+    (activations stay in the config's dtype); at decode on a GPU each int8 matrix runs as
+    `pallas_kernels.gemv_int8` (w_gate and w_up together as its GLU form), reading half
+    the bytes of bf16: gpt-fast's int8 weight-only mode, and what a draft model for
+    speculative decoding wants. "bf16" returns the params as given.
     """
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format {weight_format!r}: expected one of {WEIGHT_FORMATS}")
+    names = set(CONTRACTED_AXES if matrices is None else matrices)
+    if names - set(CONTRACTED_AXES):
+        raise ValueError(f"matrices {sorted(names - set(CONTRACTED_AXES))}: expected names of {list(CONTRACTED_AXES)}")
     if weight_format == "bf16":
         return params
 
@@ -396,7 +420,7 @@ def quantize_weights(params: Params, weight_format: str = "int8") -> Params:
         for name, x in tree.items():
             if isinstance(x, dict):
                 out[name] = walk(x)
-            elif name in CONTRACTED_AXES:
+            elif name in names:
                 if name + SCALE_SUFFIX in tree:
                     raise ValueError(f"{name}: already quantized ({x.dtype} {x.shape} with a {name}{SCALE_SUFFIX})")
                 out[name], out[name + SCALE_SUFFIX] = _quantize_int8(x, CONTRACTED_AXES[name])

@@ -54,13 +54,14 @@ class Config(NamedTuple):
 
 
 def default_config(n: int, kw: int) -> Config:
-    """BN 16 below 8192 outputs, else 64; splits of K until the grid covers ~2 waves of SMs."""
-    block_n = 16 if n < 8192 else 64
-    block_kw = min(128, kw & -kw)
+    """16 rows a program (one warp: the mma's M), 64 words a step, and splits of K until the
+    grid has 512 programs (measured best on an H200 for the Llama-3.2-1B matrices, part m
+    of bench/gpu_session.sh)."""
+    block_n, block_kw = 16, min(64, kw & -kw)
     splits = 1
-    while (n // block_n) * splits < 2 * NUM_SMS and kw % (2 * splits * block_kw) == 0:
+    while (n // block_n) * splits < 4 * 128 and kw % (2 * splits * block_kw) == 0:
         splits *= 2
-    return Config(block_n, block_kw, splits, num_warps=4, num_stages=3, transposed=1)
+    return Config(block_n, block_kw, splits, num_warps=1, num_stages=3, transposed=1)
 
 
 def resolve_config(n: int, kw: int, *knobs: int | None) -> Config:
@@ -82,10 +83,13 @@ def supports(x: jax.Array, words: jax.Array) -> bool:
     return m <= MAX_ROWS and k == 4 * kw and n % 16 == 0 and kw % 16 == 0
 
 
-def _kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, quarter: int, block_kw: int, steps: int, scaled: bool,
+def _kernel(x_ref, *refs, m: int, quarter: int, block_kw: int, steps: int, scaled: bool, glu: bool,
             transposed: bool, interpret: bool):
-    # x_ref [Mp, K] (rows >= M outside x: masked); w_ref [BN, Kw / S] words; s_ref [BN];
-    # o_ref [Mp, BN] (rows >= M masked on store), or the f32 partial of this split.
+    # x_ref [Mp, K] (rows >= M outside x: masked); then per matrix w_ref [BN, Kw / S] words
+    # and s_ref [BN] (two with `glu`: gate, up); o_ref [Mp, BN] (rows >= M masked on
+    # store), or the f32 partial of this split.
+    *mats, o_ref = refs
+    w_refs, s_refs = mats[0::2], mats[1::2]
     f32, mp = jnp.float32, x_ref.shape[0]
     first = pl.program_id(1) * steps * block_kw  # this split's first word
     row_mask = None if mp == m else (jnp.arange(mp) < m)[:, None]  # [Mp, 1]
@@ -95,31 +99,77 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, quarter: int, block_kw: int, 
         x = x_ref[:, cols] if row_mask is None else plt.load(x_ref.at[:, cols], mask=row_mask, other=0)
         return jnp.clip(x.astype(f32), -FP16_MAX, FP16_MAX).astype(jnp.float16)
 
-    def body(i, acc):
+    def body(i, accs):
         k0 = pl.multiple_of(i * block_kw, block_kw)
-        words = w_ref[:, pl.ds(k0, block_kw)]  # [BN, BKw] uint32
-        for c, w_c in enumerate(int8_words_to_fp16(words, interpret)):  # [BN, BKw] fp16: byte c, exact
-            x_c = load_x(c, k0)
-            if transposed:
-                acc += jnp.dot(w_c, x_c.T, preferred_element_type=f32)  # [BN, Mp]
-            else:
-                acc += jnp.dot(x_c, w_c.T, preferred_element_type=f32)  # [Mp, BN]
-        return acc
+        xs = [load_x(c, k0) for c in range(4)]  # one load of x's slices for every matrix
+        out = []
+        for w_ref, acc in zip(w_refs, accs):
+            words = w_ref[:, pl.ds(k0, block_kw)]  # [BN, BKw] uint32
+            for x_c, w_c in zip(xs, int8_words_to_fp16(words, interpret)):  # [BN, BKw] fp16: byte c, exact
+                if transposed:
+                    acc += jnp.dot(w_c, x_c.T, preferred_element_type=f32)  # [BN, Mp]
+                else:
+                    acc += jnp.dot(x_c, w_c.T, preferred_element_type=f32)  # [Mp, BN]
+            out.append(acc)
+        return tuple(out)
 
-    bn = w_ref.shape[0]
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, mp) if transposed else (mp, bn), f32))
-    acc = acc.T if transposed else acc  # [Mp, BN]
+    bn = w_refs[0].shape[0]
+    zeros = jnp.zeros((bn, mp) if transposed else (mp, bn), f32)
+    accs = jax.lax.fori_loop(0, steps, body, (zeros,) * len(w_refs))
+    ys = [acc.T if transposed else acc for acc in accs]  # [Mp, BN] each
     if scaled:
-        acc = acc * s_ref[...][None, :]
-    out = acc.astype(o_ref.dtype)
+        ys = [y * s_ref[...][None, :] for y, s_ref in zip(ys, s_refs)]
+    if glu:  # silu(gate) * up, each rounded to the output dtype first as the model's XLA path
+        gate, up = (y.astype(o_ref.dtype).astype(f32) for y in ys)
+        ys = [(gate * jax.nn.sigmoid(gate)).astype(o_ref.dtype).astype(f32) * up]
+    out = ys[0].astype(o_ref.dtype)
     if row_mask is None:
         o_ref[...] = out
     else:
         plt.store(o_ref.at[...], out, mask=row_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_kw", "num_splits", "num_warps",
-                                             "num_stages", "transposed", "interpret"))
+def _check(x: jax.Array, words: jax.Array, scale: jax.Array, name: str) -> None:
+    n = words.shape[0]
+    if not supports(x, words) or words.dtype != jnp.uint32 or scale.shape != (n,):
+        raise ValueError(f"{name} takes x [M <= {MAX_ROWS}, K], words uint32 [N % 16 == 0, K/4 % 16 == 0], "
+                         f"scale [N]; got {x.shape=} {words.shape=} {words.dtype=} {scale.shape=}")
+
+
+def _call(x, mats, *, glu: bool, out_dtype, knobs: tuple, interpret: bool) -> jax.Array:
+    m, k = x.shape
+    n, kw = mats[0].shape
+    cfg = resolve_config(n, kw, *knobs)
+    per_split = kw // cfg.num_splits
+    if n % cfg.block_n or kw % cfg.num_splits or per_split % cfg.block_kw or (glu and cfg.num_splits > 1):
+        raise ValueError(f"{cfg}: block_n must divide N = {n}, and num_splits x block_kw the {kw} words a row"
+                         + (" (one split with glu)" if glu else ""))
+    mp = max(8 if cfg.transposed else 16, pl.next_power_of_2(m))
+    scaled = cfg.num_splits == 1
+    kernel = functools.partial(_kernel, m=m, quarter=kw, block_kw=cfg.block_kw, steps=per_split // cfg.block_kw,
+                               scaled=scaled, glu=glu, transposed=bool(cfg.transposed), interpret=interpret)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    w_spec = pl.BlockSpec((cfg.block_n, per_split), lambda i, s: (i, s))
+    s_spec = pl.BlockSpec((cfg.block_n,), lambda i, s: (i,))
+    y = pl.pallas_call(
+        kernel,
+        grid=(n // cfg.block_n, cfg.num_splits),
+        in_specs=[pl.BlockSpec((mp, k), lambda i, s: (0, 0))] + [w_spec, s_spec] * (len(mats) // 2),
+        out_specs=pl.BlockSpec((None, mp, cfg.block_n), lambda i, s: (s, 0, i)),
+        out_shape=jax.ShapeDtypeStruct((cfg.num_splits, m, n), out_dtype if scaled else jnp.float32),
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="gemv_int8_glu" if glu else "gemv_int8",
+    )(x, *[a.astype(jnp.float32) if a.ndim == 1 else a for a in mats])
+    if scaled:
+        return y[0]
+    return (jnp.sum(y, axis=0) * mats[1]).astype(out_dtype)
+
+
+_KNOBS = ("block_n", "block_kw", "num_splits", "num_warps", "num_stages", "transposed")
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", *_KNOBS, "interpret"))
 def gemv_int8(
     x: jax.Array,
     words: jax.Array,
@@ -141,38 +191,40 @@ def gemv_int8(
       words: [N, K/4] uint32, int8 values packed along K (`kv_cache.pack_int8`).
       scale: [N] f32 per output row.
       block_n, block_kw, num_splits, num_warps, num_stages, transposed: tuning knobs
-        (`Config`); None takes `default_config`'s.
+        (`Config`); None takes `resolve_config`'s.
       interpret: run in Pallas interpret mode (CPU tests).
     """
-    m, k = x.shape
-    n, kw = words.shape
-    if not supports(x, words) or words.dtype != jnp.uint32 or scale.shape != (n,):
-        raise ValueError(f"gemv_int8 takes x [M <= {MAX_ROWS}, K], words uint32 [N % 16 == 0, K/4 % 16 == 0], "
-                         f"scale [N]; got {x.shape=} {words.shape=} {words.dtype=} {scale.shape=}")
-    cfg = resolve_config(n, kw, block_n, block_kw, num_splits, num_warps, num_stages, transposed)
-    per_split = kw // cfg.num_splits
-    if n % cfg.block_n or kw % cfg.num_splits or per_split % cfg.block_kw:
-        raise ValueError(f"{cfg}: block_n must divide N = {n}, and num_splits x block_kw the {kw} words a row")
-    mp = max(8 if cfg.transposed else 16, pl.next_power_of_2(m))
-    scaled = cfg.num_splits == 1
-    kernel = functools.partial(_kernel, m=m, quarter=kw, block_kw=cfg.block_kw, steps=per_split // cfg.block_kw,
-                               scaled=scaled, transposed=bool(cfg.transposed), interpret=interpret)
-    out_dtype = jnp.dtype(out_dtype or x.dtype)
-    y = pl.pallas_call(
-        kernel,
-        grid=(n // cfg.block_n, cfg.num_splits),
-        in_specs=[pl.BlockSpec((mp, k), lambda i, s: (0, 0)),
-                  pl.BlockSpec((cfg.block_n, per_split), lambda i, s: (i, s)),
-                  pl.BlockSpec((cfg.block_n,), lambda i, s: (i,))],
-        out_specs=pl.BlockSpec((None, mp, cfg.block_n), lambda i, s: (s, 0, i)),
-        out_shape=jax.ShapeDtypeStruct((cfg.num_splits, m, n), out_dtype if scaled else jnp.float32),
-        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="gemv_int8",
-    )(x, words, scale.astype(jnp.float32))
-    if scaled:
-        return y[0]
-    return (jnp.sum(y, axis=0) * scale).astype(out_dtype)
+    _check(x, words, scale, "gemv_int8")
+    knobs = (block_n, block_kw, num_splits, num_warps, num_stages, transposed)
+    return _call(x, (words, scale), glu=False, out_dtype=out_dtype, knobs=knobs, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=(*_KNOBS, "interpret"))
+def gemv_int8_glu(
+    x: jax.Array,
+    gate_words: jax.Array,
+    gate_scale: jax.Array,
+    up_words: jax.Array,
+    up_scale: jax.Array,
+    *,
+    block_n: int | None = None,
+    block_kw: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    transposed: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """silu(x @ gate^T) * (x @ up^T) -> [M, F] in x's dtype, both int8 matrices [F, K] read
+    in one launch (a program reads the same rows of each, against one load of x).
+    Arguments as `gemv_int8`'s; num_splits must be 1."""
+    _check(x, gate_words, gate_scale, "gemv_int8_glu")
+    _check(x, up_words, up_scale, "gemv_int8_glu")
+    if gate_words.shape != up_words.shape:
+        raise ValueError(f"gate {gate_words.shape} and up {up_words.shape} words differ")
+    knobs = (block_n, block_kw, num_splits or 1, num_warps, num_stages, transposed)
+    return _call(x, (gate_words, gate_scale, up_words, up_scale), glu=True, out_dtype=None, knobs=knobs,
+                 interpret=interpret)
 
 
 def gemv_int8_reference(x: jax.Array, words: jax.Array, scale: jax.Array, *, out_dtype=None) -> jax.Array:
@@ -180,6 +232,12 @@ def gemv_int8_reference(x: jax.Array, words: jax.Array, scale: jax.Array, *, out
     w = kv_cache.unpack_int8(words).astype(x.dtype)  # [N, K]
     y = jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32)
     return (y * scale).astype(out_dtype or x.dtype)
+
+
+def gemv_int8_glu_reference(x, gate_words, gate_scale, up_words, up_scale) -> jax.Array:
+    """`gemv_int8_glu` as the model's XLA path computes it."""
+    gate = gemv_int8_reference(x, gate_words, gate_scale)
+    return jax.nn.silu(gate) * gemv_int8_reference(x, up_words, up_scale)
 
 
 # ------------------------------------------------------------------------------- bench
@@ -209,6 +267,7 @@ def _bench(argv=None):  # pragma: no cover - GPU only
     p.add_argument("--num-warps", default="")
     p.add_argument("--num-stages", default="")
     p.add_argument("--transposed", default="")
+    p.add_argument("--glu", action="store_true", help="also gate|up as gemv_int8_glu (one matrix twice)")
     p.add_argument("--bytes-per-run", type=float, default=0.5, help="GB of weights cycled per timed run (past L2)")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes)")
     args = p.parse_args(argv)
@@ -237,6 +296,11 @@ def _bench(argv=None):  # pragma: no cover - GPU only
         ref = jax.jit(lambda s: [gemv_int8_reference(x, wd, sc) for _, wd, sc in s])
         want = ref(sets)[0]
         runs = [("xla bf16", None, anchor, 2 * n * k), ("xla int8", None, ref, n * k)]
+        if name == "gate|up" and args.glu:  # both matrices in one launch, against XLA's one fusion of the two
+            anchor2 = jax.jit(lambda s: [jax.nn.silu(jnp.einsum("mk,nk->mn", x, w)) * jnp.einsum("mk,nk->mn", x, w)
+                                         for w, _, _ in s])
+            glu = jax.jit(lambda s: [gemv_int8_glu(x, wd, sc, wd, sc) for _, wd, sc in s])
+            runs += [("xla bf16 glu", None, anchor2, 4 * n * k), ("pallas glu", resolve_config(n, k // 4), glu, 2 * n * k)]
         for knobs in itertools.product(*knob_lists):
             fn = functools.partial(gemv_int8, block_n=knobs[0], block_kw=knobs[1], num_splits=knobs[2],
                                    num_warps=knobs[3], num_stages=knobs[4], transposed=knobs[5],
@@ -249,7 +313,7 @@ def _bench(argv=None):  # pragma: no cover - GPU only
             except Exception as exc:  # a knob set the lowering rejects
                 print(f"{name} M={m} {knobs}: {type(exc).__name__}: {str(exc)[:160]}")
                 continue
-            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+            err = float("nan") if "glu" in impl else float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
             busy = common.device_busy_seconds(lambda run=run: run(sets), reps=3)
             us = None if busy is None else busy / copies * 1e6
             rows.append([name, f"{n},{k}", m, impl, "-" if knobs is None else ",".join(map(str, knobs)),

@@ -13,7 +13,7 @@ from ollm_jax import convert, kv_cache, model
 from ollm_jax.config import ModelConfig
 from ollm_jax.model import CONTRACTED_AXES, SCALE_SUFFIX, quantize_weights
 from pallas_kernels import gemv_int8
-from tests.conftest import STORIES260K, require
+from tests.conftest import STORIES260K, TINY_HF, require
 from tests.lowering import assert_lowers_to_triton
 
 
@@ -37,14 +37,16 @@ def _pairs(params, qparams, prefix=""):
         if isinstance(x, dict):
             yield from _pairs(x, qparams[name], f"{prefix}{name}/")
         elif name in CONTRACTED_AXES:
-            yield f"{prefix}{name}", name, x, qparams[name], qparams[name + SCALE_SUFFIX]
+            yield f"{prefix}{name}", name, x, qparams[name], qparams.get(name + SCALE_SUFFIX)
 
 
 def _dequantized(params, qparams):
-    """The original params with every matrix replaced by its int8 values x scale (float32,
+    """The original params with every int8 matrix replaced by its values x scale (float32,
     declared layout): what an exact dequantization gives."""
     out = jax.tree.map(lambda x: x, params)
     for path, name, w, words, scale in _pairs(params, qparams):
+        if scale is None:  # left unquantized
+            continue
         rows = np.asarray(kv_cache.unpack_int8(words), np.float32) * np.asarray(scale)[:, None]  # [N, K]
         contracted = CONTRACTED_AXES[name]
         out_axes = tuple(i for i in range(w.ndim) if i not in contracted)
@@ -95,12 +97,39 @@ def test_forward_with_int8_weights_equals_forward_with_their_dequantized_values(
         assert np.abs(g - w).max() < 0.05 * np.abs(w).max()
 
 
+KERNEL_SIZED_HF = dict(TINY_HF, hidden_size=64, intermediate_size=128, head_dim=16)  # every K/4 and N % 16 == 0
+
+
+def test_forward_with_some_int8_matrices_at_kernel_sized_shapes():
+    """Only the MLP and the LM head in int8, at shapes gemv_int8 takes (on a GPU this runs
+    the kernels, gemv_int8_glu included; on the CPU their reference)."""
+    cfg = ModelConfig.from_hf(KERNEL_SIZED_HF, dtype="float32")
+    params = jax.tree.map(lambda x: x * 20 if x.ndim > 1 else x, model.init_params(cfg, jax.random.key(3)))
+    qparams = quantize_weights(params, "int8", matrices=("w_gate", "w_up", "w_down", "lm_head"))
+    assert qparams["layers_0"]["attn"]["w_q"] is params["layers_0"]["attn"]["w_q"]
+    assert qparams["lm_head"].dtype == jnp.uint32 and "embedding" + SCALE_SUFFIX not in qparams
+    tokens = jax.random.randint(jax.random.key(4), (3, 5), 3, cfg.vocab_size, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (3, 5))
+
+    def run(p):  # prefill 4 tokens (15 rows: the kernels on a GPU), then one decode step
+        cache = kv_cache.create(cfg, 3, 8)
+        logits, cache = model.forward(p, cfg, tokens[:, :4], positions[:, :4], cache)
+        step, _ = model.forward(p, cfg, tokens[:, 4:], positions[:, 4:], cache)
+        return np.asarray(logits), np.asarray(step)
+
+    got, want = run(qparams), run(_dequantized(params, qparams))
+    for g, w in zip(got, want):  # fp16 x in the kernels: ~1e-3 relative
+        np.testing.assert_allclose(g, w, rtol=3e-3, atol=3e-3 * np.abs(w).max())
+
+
 def test_bad_formats_mismatched_and_double_quantized_params_are_refused(tiny):
     cfg, params = tiny
     with pytest.raises(ValueError, match="'int3'"):
         quantize_weights(params, "int3")
     assert quantize_weights(params, "bf16") is params
     qparams = quantize_weights(params, "int8")
+    with pytest.raises(ValueError, match=r"matrices \['w_qkv'\]"):
+        quantize_weights(params, "int8", matrices=("w_q", "w_qkv"))
     with pytest.raises(ValueError, match="already quantized"):
         quantize_weights(qparams, "int8")
     qparams["layers_0"]["mlp"]["w_up"] = qparams["layers_0"]["mlp"]["w_up"][:, :-1]
@@ -138,6 +167,24 @@ def test_gemv_int8_matches_its_reference(m, n, k, knobs, dtype):
     assert logits.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("m, n, k, knobs", [(1, 64, 256, {}), (7, 128, 512, {"block_n": 32, "block_kw": 32}),
+                                            (2, 32, 128, {"transposed": 0})])
+def test_gemv_int8_glu_matches_its_reference(m, n, k, knobs):
+    ks = jax.random.split(jax.random.key(m + n + k), 5)
+    x = (2 * jax.random.normal(ks[0], (m, k))).astype(jnp.bfloat16)
+    mats = []
+    for kw_, ks_ in ((ks[1], ks[2]), (ks[3], ks[4])):
+        mats += [kv_cache.pack_int8(jax.random.randint(kw_, (n, k), -127, 128).astype(jnp.int8)),
+                 jax.random.uniform(ks_, (n,), minval=1e-3, maxval=5e-3)]
+    got = gemv_int8.gemv_int8_glu(x, *mats, interpret=True, **knobs)
+    want = gemv_int8.gemv_int8_glu_reference(x, *mats)
+    assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(want.astype(jnp.float32)))))
+    with pytest.raises(ValueError, match="one split with glu"):
+        gemv_int8.gemv_int8_glu(x, *mats, num_splits=2, block_kw=16, interpret=True)
+
+
 def test_gemv_int8_refuses_bad_shapes():
     x = jnp.zeros((17, 64), jnp.bfloat16)
     words = jnp.zeros((32, 16), jnp.uint32)
@@ -153,3 +200,5 @@ def test_gemv_int8_lowers_for_cuda_at_llama_1b_shapes(m, n, k):
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k // 4), jnp.uint32),
             jax.ShapeDtypeStruct((n,), jnp.float32))
     assert_lowers_to_triton(gemv_int8.gemv_int8, *args)
+    if n == 8192:  # the MLP's gate and up in one launch
+        assert_lowers_to_triton(gemv_int8.gemv_int8_glu, *args, *args[1:])
