@@ -68,8 +68,8 @@ def resolve_config(n: int, kw: int, *knobs: int | None) -> Config:
     """The knobs given (block_n, block_kw, num_splits, num_warps, num_stages, transposed),
     `default_config`'s for the others; warps follow block_n (one warp per 16 rows, the
     mma's M) unless given."""
-    d = default_config(n, kw)
-    cfg = Config(*(v if v is not None else dv for v, dv in zip(knobs, d)))
+    knobs = knobs + (None,) * (len(Config._fields) - len(knobs))
+    cfg = Config(*(v if v is not None else dv for v, dv in zip(knobs, default_config(n, kw))))
     if knobs[3] is None:
         cfg = cfg._replace(num_warps=max(1, min(8, cfg.block_n // 16)))
     return cfg
@@ -300,7 +300,7 @@ def _bench(argv=None):  # pragma: no cover - GPU only
             anchor2 = jax.jit(lambda s: [jax.nn.silu(jnp.einsum("mk,nk->mn", x, w)) * jnp.einsum("mk,nk->mn", x, w)
                                          for w, _, _ in s])
             glu = jax.jit(lambda s: [gemv_int8_glu(x, wd, sc, wd, sc) for _, wd, sc in s])
-            runs += [("xla bf16 glu", None, anchor2, 4 * n * k), ("pallas glu", resolve_config(n, k // 4), glu, 2 * n * k)]
+            runs += [("xla bf16 glu", None, anchor2, 4 * n * k), ("pallas glu", resolve_config(n, k // 4, None, None, 1), glu, 2 * n * k)]
         for knobs in itertools.product(*knob_lists):
             fn = functools.partial(gemv_int8, block_n=knobs[0], block_kw=knobs[1], num_splits=knobs[2],
                                    num_warps=knobs[3], num_stages=knobs[4], transposed=knobs[5],
