@@ -299,7 +299,7 @@ def _bench(argv=None):  # pragma: no cover - GPU only
         if name == "gate|up" and args.glu:  # both matrices in one launch, against XLA's one fusion of the two
             anchor2 = jax.jit(lambda s: [jax.nn.silu(jnp.einsum("mk,nk->mn", x, w)) * jnp.einsum("mk,nk->mn", x, w)
                                          for w, _, _ in s])
-            glu = jax.jit(lambda s: [gemv_int8_glu(x, wd, sc, wd, sc) for _, wd, sc in s])
+            glu = jax.jit(lambda s: [gemv_int8_glu(x, wd, sc, wd, sc, interpret=args.interpret) for _, wd, sc in s])
             runs += [("xla bf16 glu", None, anchor2, 4 * n * k), ("pallas glu", resolve_config(n, k // 4, None, None, 1), glu, 2 * n * k)]
         for knobs in itertools.product(*knob_lists):
             fn = functools.partial(gemv_int8, block_n=knobs[0], block_kw=knobs[1], num_splits=knobs[2],
