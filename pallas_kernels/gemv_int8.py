@@ -51,6 +51,7 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     transposed: int
+    prefetch: int  # load step i + 1's words while step i computes
 
 
 def default_config(n: int, kw: int) -> Config:
@@ -61,11 +62,11 @@ def default_config(n: int, kw: int) -> Config:
     splits = 1
     while (n // block_n) * splits < 4 * 128 and kw % (2 * splits * block_kw) == 0:
         splits *= 2
-    return Config(block_n, block_kw, splits, num_warps=1, num_stages=3, transposed=1)
+    return Config(block_n, block_kw, splits, num_warps=1, num_stages=3, transposed=1, prefetch=1)
 
 
 def resolve_config(n: int, kw: int, *knobs: int | None) -> Config:
-    """The knobs given (block_n, block_kw, num_splits, num_warps, num_stages, transposed),
+    """The knobs given (block_n, block_kw, num_splits, num_warps, num_stages, transposed, prefetch),
     `default_config`'s for the others; warps follow block_n (one warp per 16 rows, the
     mma's M) unless given."""
     knobs = knobs + (None,) * (len(Config._fields) - len(knobs))
@@ -84,7 +85,7 @@ def supports(x: jax.Array, words: jax.Array) -> bool:
 
 
 def _kernel(x_ref, *refs, m: int, quarter: int, block_kw: int, steps: int, scaled: bool, glu: bool,
-            transposed: bool, interpret: bool):
+            transposed: bool, prefetch: bool, interpret: bool):
     # x_ref [Mp, K] (rows >= M outside x: masked); then per matrix w_ref [BN, Kw / S] words
     # and s_ref [BN] (two with `glu`: gate, up); o_ref [Mp, BN] (rows >= M masked on
     # store), or the f32 partial of this split.
@@ -99,23 +100,32 @@ def _kernel(x_ref, *refs, m: int, quarter: int, block_kw: int, steps: int, scale
         x = x_ref[:, cols] if row_mask is None else plt.load(x_ref.at[:, cols], mask=row_mask, other=0)
         return jnp.clip(x.astype(f32), -FP16_MAX, FP16_MAX).astype(jnp.float16)
 
-    def body(i, accs):
+    def load_words(i):  # [BN, BKw] uint32 per matrix: step i's tile
+        k0 = pl.multiple_of(i * block_kw, block_kw)
+        return tuple(w_ref[:, pl.ds(k0, block_kw)] for w_ref in w_refs)
+
+    def body(i, carry):
+        accs, words = carry
+        # Load the next step's tiles before this step's math: Triton does not pipeline
+        # these loads (they feed inline asm, not a dot), so this keeps two in flight.
+        ahead = load_words(jnp.minimum(i + 1, steps - 1)) if prefetch else None
+        words = words if prefetch else load_words(i)
         k0 = pl.multiple_of(i * block_kw, block_kw)
         xs = [load_x(c, k0) for c in range(4)]  # one load of x's slices for every matrix
         out = []
-        for w_ref, acc in zip(w_refs, accs):
-            words = w_ref[:, pl.ds(k0, block_kw)]  # [BN, BKw] uint32
-            for x_c, w_c in zip(xs, int8_words_to_fp16(words, interpret)):  # [BN, BKw] fp16: byte c, exact
+        for tile, acc in zip(words, accs):
+            for x_c, w_c in zip(xs, int8_words_to_fp16(tile, interpret)):  # [BN, BKw] fp16: byte c, exact
                 if transposed:
                     acc += jnp.dot(w_c, x_c.T, preferred_element_type=f32)  # [BN, Mp]
                 else:
                     acc += jnp.dot(x_c, w_c.T, preferred_element_type=f32)  # [Mp, BN]
             out.append(acc)
-        return tuple(out)
+        return tuple(out), ahead if prefetch else words
 
     bn = w_refs[0].shape[0]
     zeros = jnp.zeros((bn, mp) if transposed else (mp, bn), f32)
-    accs = jax.lax.fori_loop(0, steps, body, (zeros,) * len(w_refs))
+    first_words = load_words(0)
+    accs, _ = jax.lax.fori_loop(0, steps, body, ((zeros,) * len(w_refs), first_words))
     ys = [acc.T if transposed else acc for acc in accs]  # [Mp, BN] each
     if scaled:
         ys = [y * s_ref[...][None, :] for y, s_ref in zip(ys, s_refs)]
@@ -147,7 +157,8 @@ def _call(x, mats, *, glu: bool, out_dtype, knobs: tuple, interpret: bool) -> ja
     mp = max(8 if cfg.transposed else 16, pl.next_power_of_2(m))
     scaled = cfg.num_splits == 1
     kernel = functools.partial(_kernel, m=m, quarter=kw, block_kw=cfg.block_kw, steps=per_split // cfg.block_kw,
-                               scaled=scaled, glu=glu, transposed=bool(cfg.transposed), interpret=interpret)
+                               scaled=scaled, glu=glu, transposed=bool(cfg.transposed),
+                               prefetch=bool(cfg.prefetch), interpret=interpret)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     w_spec = pl.BlockSpec((cfg.block_n, per_split), lambda i, s: (i, s))
     s_spec = pl.BlockSpec((cfg.block_n,), lambda i, s: (i,))
@@ -166,7 +177,7 @@ def _call(x, mats, *, glu: bool, out_dtype, knobs: tuple, interpret: bool) -> ja
     return (jnp.sum(y, axis=0) * mats[1]).astype(out_dtype)
 
 
-_KNOBS = ("block_n", "block_kw", "num_splits", "num_warps", "num_stages", "transposed")
+_KNOBS = ("block_n", "block_kw", "num_splits", "num_warps", "num_stages", "transposed", "prefetch")
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", *_KNOBS, "interpret"))
@@ -182,6 +193,7 @@ def gemv_int8(
     num_warps: int | None = None,
     num_stages: int | None = None,
     transposed: int | None = None,
+    prefetch: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """x [M, K] @ (scale [N] * unpack(words) [N, K])^T -> [M, N] in `out_dtype` (default x's).
@@ -190,12 +202,12 @@ def gemv_int8(
       x: [M, K] bf16 / fp16 / f32, M <= MAX_ROWS.
       words: [N, K/4] uint32, int8 values packed along K (`kv_cache.pack_int8`).
       scale: [N] f32 per output row.
-      block_n, block_kw, num_splits, num_warps, num_stages, transposed: tuning knobs
+      block_n, block_kw, num_splits, num_warps, num_stages, transposed, prefetch: tuning knobs
         (`Config`); None takes `resolve_config`'s.
       interpret: run in Pallas interpret mode (CPU tests).
     """
     _check(x, words, scale, "gemv_int8")
-    knobs = (block_n, block_kw, num_splits, num_warps, num_stages, transposed)
+    knobs = (block_n, block_kw, num_splits, num_warps, num_stages, transposed, prefetch)
     return _call(x, (words, scale), glu=False, out_dtype=out_dtype, knobs=knobs, interpret=interpret)
 
 
@@ -213,6 +225,7 @@ def gemv_int8_glu(
     num_warps: int | None = None,
     num_stages: int | None = None,
     transposed: int | None = None,
+    prefetch: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """silu(x @ gate^T) * (x @ up^T) -> [M, F] in x's dtype, both int8 matrices [F, K] read
@@ -222,7 +235,7 @@ def gemv_int8_glu(
     _check(x, up_words, up_scale, "gemv_int8_glu")
     if gate_words.shape != up_words.shape:
         raise ValueError(f"gate {gate_words.shape} and up {up_words.shape} words differ")
-    knobs = (block_n, block_kw, num_splits or 1, num_warps, num_stages, transposed)
+    knobs = (block_n, block_kw, num_splits or 1, num_warps, num_stages, transposed, prefetch)
     return _call(x, (gate_words, gate_scale, up_words, up_scale), glu=True, out_dtype=None, knobs=knobs,
                  interpret=interpret)
 
@@ -267,18 +280,20 @@ def _bench(argv=None):  # pragma: no cover - GPU only
     p.add_argument("--num-warps", default="")
     p.add_argument("--num-stages", default="")
     p.add_argument("--transposed", default="")
+    p.add_argument("--prefetch", default="")
     p.add_argument("--glu", action="store_true", help="also gate|up as gemv_int8_glu (one matrix twice)")
     p.add_argument("--bytes-per-run", type=float, default=0.5, help="GB of weights cycled per timed run (past L2)")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes)")
     args = p.parse_args(argv)
     knob_lists = [[None] if not s else [int(v) for v in s.split(",")] for s in
-                  (args.block_n, args.block_kw, args.num_splits, args.num_warps, args.num_stages, args.transposed)]
+                  (args.block_n, args.block_kw, args.num_splits, args.num_warps, args.num_stages, args.transposed,
+                   args.prefetch)]
 
     env = common.environment()
     common.print_environment(env)
     copy_bw = common.jax_copy_bandwidth(1 << (20 if args.interpret else 30))
     print(f"ceiling     jax copy (x + 1) of a 1 GiB buffer: {copy_bw / 1e9:.0f} GB/s on {env['jax_device_kind']}")
-    headers = ["matrix", "N,K", "M", "impl", "BN,BKw,S,warps,stages,T", "busy us", "GB/s", "% copy", "max|err|"]
+    headers = ["matrix", "N,K", "M", "impl", "BN,BKw,S,warps,stages,T,P", "busy us", "GB/s", "% copy", "max|err|"]
     rows = []
     for name, m in itertools.product(args.shapes, [int(v) for v in args.rows.split(",")]):
         n, k = SHAPES_1B[name] if name in SHAPES_1B else map(int, name.split(","))
@@ -304,7 +319,7 @@ def _bench(argv=None):  # pragma: no cover - GPU only
         for knobs in itertools.product(*knob_lists):
             fn = functools.partial(gemv_int8, block_n=knobs[0], block_kw=knobs[1], num_splits=knobs[2],
                                    num_warps=knobs[3], num_stages=knobs[4], transposed=knobs[5],
-                                   interpret=args.interpret)
+                                   prefetch=knobs[6], interpret=args.interpret)
             shown = resolve_config(n, k // 4, *knobs)
             runs.append(("pallas", shown, jax.jit(lambda s, fn=fn: [fn(x, wd, sc) for _, wd, sc in s]), n * k))
         for impl, knobs, run, nbytes in runs:
