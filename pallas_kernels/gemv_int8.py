@@ -101,7 +101,7 @@ def _kernel(x_ref, *refs, m: int, quarter: int, block_kw: int, steps: int, scale
         return jnp.clip(x.astype(f32), -FP16_MAX, FP16_MAX).astype(jnp.float16)
 
     def load_words(i):  # [BN, BKw] uint32 per matrix: step i's tile
-        k0 = pl.multiple_of(i * block_kw, block_kw)
+        k0 = i * block_kw if isinstance(i, int) else pl.multiple_of(i * block_kw, block_kw)
         return tuple(w_ref[:, pl.ds(k0, block_kw)] for w_ref in w_refs)
 
     def body(i, carry):
