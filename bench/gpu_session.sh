@@ -18,7 +18,6 @@
 #   bash bench/gpu_session.sh l    gemv_int8: its tests compiled, its tiles / warps beside XLA's dots, the 1B int8 step
 #   bash bench/gpu_session.sh m    gemv_int8 sweep: rows a program (warps following), splits, words a step
 #   bash bench/gpu_session.sh n    gemv_int8 defaults and GLU, the 1B step with all or the MLP/head matrices in int8
-#   bash bench/gpu_session.sh o    gemv_int8 at M = 1 on the CUDA cores beside the tensor cores, the 1B step
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -114,16 +113,6 @@ case "${1:-}" in
     step 120 profile_1b_int8_mlp python3 bench/decode_profile.py --model 1b --weights int8 --top 12 \
       --int8-matrices w_gate w_up w_down embedding lm_head --out "$OUT/"
     ;;
-  o)
-    # gemv_int8 at M = 1 on the CUDA cores (mma=0: f32 FMAs, one reduction at the end) beside
-    # the tensor-core form, over rows a program and words a step; the 1B step both ways.
-    step 100 weights_tests python3 -m pytest -q -p no:cacheprovider tests/test_weights.py
-    step 250 gemv_mma python3 -m pallas_kernels.gemv_int8 --rows 1 --glu --mma 0,1 --block-kw 32,64 \
-      --block-n 16,32,64
-    step 120 profile_1b_int8_mlp python3 bench/decode_profile.py --model 1b --weights int8 --top 12 \
-      --int8-matrices w_gate w_up w_down embedding lm_head --out "$OUT/"
-    step 120 profile_1b_int8 python3 bench/decode_profile.py --model 1b --weights int8 --top 12 --out "$OUT/"
-    ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \
       --essays "${ESSAYS:-downloads/PaulGrahamEssays}" --out "$OUT/"
@@ -136,7 +125,8 @@ case "${1:-}" in
   d)
     # Fewer draft lengths and verify widths than the defaults: 8B compiles dominate.
     step 580 spec_shapes python3 bench/speculative.py --part shapes --fit-gammas 1 2 3 4 6 \
-      --verify-widths 1 2 3 4 5 7 --draft-weights bf16 int8 --out "$OUT/"
+      --verify-widths 1 2 3 4 5 7 --draft-weights bf16 int8 --draft-int8-matrices w_gate w_up w_down embedding \
+      lm_head --out "$OUT/"
     ;;
   e)
     step 130 fd_splits python3 -m pallas_kernels.flash_decode --formats bf16 --batch 1 --lengths 32768,131072 \

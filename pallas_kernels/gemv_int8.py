@@ -32,7 +32,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -52,10 +51,9 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     transposed: int
-    mma: int  # 1: tensor cores (x padded to the mma's rows); 0: f32 FMAs on the CUDA cores, M = 1 only
 
 
-def default_config(n: int, kw: int, m: int = 1) -> Config:
+def default_config(n: int, kw: int) -> Config:
     """16 rows a program (one warp: the mma's M), 64 words a step, and splits of K until the
     grid has 512 programs (measured best on an H200 for the Llama-3.2-1B matrices, part m
     of bench/gpu_session.sh)."""
@@ -63,15 +61,15 @@ def default_config(n: int, kw: int, m: int = 1) -> Config:
     splits = 1
     while (n // block_n) * splits < 4 * 128 and kw % (2 * splits * block_kw) == 0:
         splits *= 2
-    return Config(block_n, block_kw, splits, num_warps=1, num_stages=3, transposed=1, mma=int(m > 1))
+    return Config(block_n, block_kw, splits, num_warps=1, num_stages=3, transposed=1)
 
 
-def resolve_config(n: int, kw: int, m: int, *knobs: int | None) -> Config:
-    """The knobs given (block_n, block_kw, num_splits, num_warps, num_stages, transposed, mma),
+def resolve_config(n: int, kw: int, *knobs: int | None) -> Config:
+    """The knobs given (block_n, block_kw, num_splits, num_warps, num_stages, transposed),
     `default_config`'s for the others; warps follow block_n (one warp per 16 rows, the
     mma's M) unless given."""
     knobs = knobs + (None,) * (len(Config._fields) - len(knobs))
-    cfg = Config(*(v if v is not None else dv for v, dv in zip(knobs, default_config(n, kw, m))))
+    cfg = Config(*(v if v is not None else dv for v, dv in zip(knobs, default_config(n, kw))))
     if knobs[3] is None:
         cfg = cfg._replace(num_warps=max(1, min(8, cfg.block_n // 16)))
     return cfg
@@ -85,15 +83,8 @@ def supports(x: jax.Array, words: jax.Array) -> bool:
     return m <= MAX_ROWS and k == 4 * kw and n % 16 == 0 and kw % 16 == 0
 
 
-def _bytes_to_f32(words: jax.Array, c: int) -> jax.Array:
-    """uint32 words [BN, BKw] whose bytes are int8 values XOR 0x80 -> byte c as f32, exact:
-    the byte becomes the low mantissa bits of 2^23 (0x4B000000), then 2^23 + 128 is taken off."""
-    bits = ((words >> jnp.uint32(8 * c)) & jnp.uint32(0xFF)) | jnp.uint32(0x4B000000)
-    return lax.bitcast_convert_type(bits, jnp.float32) - 8388736.0
-
-
 def _kernel(x_ref, *refs, m: int, quarter: int, block_kw: int, steps: int, scaled: bool, glu: bool,
-            transposed: bool, mma: bool, interpret: bool):
+            transposed: bool, interpret: bool):
     # x_ref [Mp, K] (rows >= M outside x: masked); then per matrix w_ref [BN, Kw / S] words
     # and s_ref [BN] (two with `glu`: gate, up); o_ref [Mp, BN] (rows >= M masked on
     # store), or the f32 partial of this split.
@@ -104,10 +95,8 @@ def _kernel(x_ref, *refs, m: int, quarter: int, block_kw: int, steps: int, scale
     first = pl.program_id(1) * steps * block_kw  # this split's first word
     row_mask = None if mp == m else (jnp.arange(mp) < m)[:, None]  # [Mp, 1]
 
-    def load_x(c, k0):  # x's columns c K/4 + word: fp16 [Mp, BKw] for the mma, else row 0 f32 [1, BKw]
+    def load_x(c, k0):  # x's columns c K/4 + word, fp16 [Mp, BKw]
         cols = pl.ds(c * quarter + first + k0, block_kw)
-        if not mma:
-            return x_ref[pl.ds(0, 1), cols].astype(f32)
         x = x_ref[:, cols] if row_mask is None else plt.load(x_ref.at[:, cols], mask=row_mask, other=0)
         return jnp.clip(x.astype(f32), -FP16_MAX, FP16_MAX).astype(jnp.float16)
 
@@ -117,24 +106,16 @@ def _kernel(x_ref, *refs, m: int, quarter: int, block_kw: int, steps: int, scale
         out = []
         for w_ref, acc in zip(w_refs, accs):
             words = w_ref[:, pl.ds(k0, block_kw)]  # [BN, BKw] uint32
-            if not mma:  # M = 1 on the CUDA cores: f32 products summed in place, reduced once at the end
-                words = words ^ jnp.uint32(0x80808080)
-                for c, x_c in enumerate(xs):
-                    acc += _bytes_to_f32(words, c) * x_c  # [BN, BKw]
-            else:
-                for x_c, w_c in zip(xs, int8_words_to_fp16(words, interpret)):  # [BN, BKw] fp16: byte c, exact
-                    if transposed:
-                        acc += jnp.dot(w_c, x_c.T, preferred_element_type=f32)  # [BN, Mp]
-                    else:
-                        acc += jnp.dot(x_c, w_c.T, preferred_element_type=f32)  # [Mp, BN]
+            for x_c, w_c in zip(xs, int8_words_to_fp16(words, interpret)):  # [BN, BKw] fp16: byte c, exact
+                if transposed:
+                    acc += jnp.dot(w_c, x_c.T, preferred_element_type=f32)  # [BN, Mp]
+                else:
+                    acc += jnp.dot(x_c, w_c.T, preferred_element_type=f32)  # [Mp, BN]
             out.append(acc)
         return tuple(out)
 
-    shape = (bn, block_kw) if not mma else (bn, mp) if transposed else (mp, bn)
-    accs = jax.lax.fori_loop(0, steps, body, (jnp.zeros(shape, f32),) * len(w_refs))
-    if not mma:  # [BN, BKw] -> row 0 of [Mp, BN] (the other rows are masked on store)
-        accs = [jnp.broadcast_to(jnp.sum(acc, axis=1)[None, :], (mp, bn)) for acc in accs]
-        transposed = False
+    zeros = jnp.zeros((bn, mp) if transposed else (mp, bn), f32)
+    accs = jax.lax.fori_loop(0, steps, body, (zeros,) * len(w_refs))
     ys = [acc.T if transposed else acc for acc in accs]  # [Mp, BN] each
     if scaled:
         ys = [y * s_ref[...][None, :] for y, s_ref in zip(ys, s_refs)]
@@ -158,18 +139,16 @@ def _check(x: jax.Array, words: jax.Array, scale: jax.Array, name: str) -> None:
 def _call(x, mats, *, glu: bool, out_dtype, knobs: tuple, interpret: bool) -> jax.Array:
     m, k = x.shape
     n, kw = mats[0].shape
-    cfg = resolve_config(n, kw, m, *knobs)
+    cfg = resolve_config(n, kw, *knobs)
     per_split = kw // cfg.num_splits
     if n % cfg.block_n or kw % cfg.num_splits or per_split % cfg.block_kw or (glu and cfg.num_splits > 1):
         raise ValueError(f"{cfg}: block_n must divide N = {n}, and num_splits x block_kw the {kw} words a row"
                          + (" (one split with glu)" if glu else ""))
-    if not cfg.mma and m != 1:
-        raise ValueError(f"{cfg}: mma=0 takes one row of x, got {m}")
     mp = max(8 if cfg.transposed else 16, pl.next_power_of_2(m))
     scaled = cfg.num_splits == 1
     kernel = functools.partial(_kernel, m=m, quarter=kw, block_kw=cfg.block_kw, steps=per_split // cfg.block_kw,
                                scaled=scaled, glu=glu, transposed=bool(cfg.transposed),
-                               mma=bool(cfg.mma), interpret=interpret)
+                               interpret=interpret)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     w_spec = pl.BlockSpec((cfg.block_n, per_split), lambda i, s: (i, s))
     s_spec = pl.BlockSpec((cfg.block_n,), lambda i, s: (i,))
@@ -188,7 +167,7 @@ def _call(x, mats, *, glu: bool, out_dtype, knobs: tuple, interpret: bool) -> ja
     return (jnp.sum(y, axis=0) * mats[1]).astype(out_dtype)
 
 
-_KNOBS = ("block_n", "block_kw", "num_splits", "num_warps", "num_stages", "transposed", "mma")
+_KNOBS = ("block_n", "block_kw", "num_splits", "num_warps", "num_stages", "transposed")
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", *_KNOBS, "interpret"))
@@ -204,7 +183,6 @@ def gemv_int8(
     num_warps: int | None = None,
     num_stages: int | None = None,
     transposed: int | None = None,
-    mma: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """x [M, K] @ (scale [N] * unpack(words) [N, K])^T -> [M, N] in `out_dtype` (default x's).
@@ -213,12 +191,12 @@ def gemv_int8(
       x: [M, K] bf16 / fp16 / f32, M <= MAX_ROWS.
       words: [N, K/4] uint32, int8 values packed along K (`kv_cache.pack_int8`).
       scale: [N] f32 per output row.
-      block_n, block_kw, num_splits, num_warps, num_stages, transposed, mma: tuning knobs
+      block_n, block_kw, num_splits, num_warps, num_stages, transposed: tuning knobs
         (`Config`); None takes `resolve_config`'s.
       interpret: run in Pallas interpret mode (CPU tests).
     """
     _check(x, words, scale, "gemv_int8")
-    knobs = (block_n, block_kw, num_splits, num_warps, num_stages, transposed, mma)
+    knobs = (block_n, block_kw, num_splits, num_warps, num_stages, transposed)
     return _call(x, (words, scale), glu=False, out_dtype=out_dtype, knobs=knobs, interpret=interpret)
 
 
@@ -236,7 +214,6 @@ def gemv_int8_glu(
     num_warps: int | None = None,
     num_stages: int | None = None,
     transposed: int | None = None,
-    mma: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """silu(x @ gate^T) * (x @ up^T) -> [M, F] in x's dtype, both int8 matrices [F, K] read
@@ -246,7 +223,7 @@ def gemv_int8_glu(
     _check(x, up_words, up_scale, "gemv_int8_glu")
     if gate_words.shape != up_words.shape:
         raise ValueError(f"gate {gate_words.shape} and up {up_words.shape} words differ")
-    knobs = (block_n, block_kw, num_splits or 1, num_warps, num_stages, transposed, mma)
+    knobs = (block_n, block_kw, num_splits or 1, num_warps, num_stages, transposed)
     return _call(x, (gate_words, gate_scale, up_words, up_scale), glu=True, out_dtype=None, knobs=knobs,
                  interpret=interpret)
 
@@ -291,20 +268,18 @@ def _bench(argv=None):  # pragma: no cover - GPU only
     p.add_argument("--num-warps", default="")
     p.add_argument("--num-stages", default="")
     p.add_argument("--transposed", default="")
-    p.add_argument("--mma", default="")
     p.add_argument("--glu", action="store_true", help="also gate|up as gemv_int8_glu (one matrix twice)")
     p.add_argument("--bytes-per-run", type=float, default=0.5, help="GB of weights cycled per timed run (past L2)")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes)")
     args = p.parse_args(argv)
     knob_lists = [[None] if not s else [int(v) for v in s.split(",")] for s in
-                  (args.block_n, args.block_kw, args.num_splits, args.num_warps, args.num_stages, args.transposed,
-                   args.mma)]
+                  (args.block_n, args.block_kw, args.num_splits, args.num_warps, args.num_stages, args.transposed)]
 
     env = common.environment()
     common.print_environment(env)
     copy_bw = common.jax_copy_bandwidth(1 << (20 if args.interpret else 30))
     print(f"ceiling     jax copy (x + 1) of a 1 GiB buffer: {copy_bw / 1e9:.0f} GB/s on {env['jax_device_kind']}")
-    headers = ["matrix", "N,K", "M", "impl", "BN,BKw,S,warps,stages,T,mma", "busy us", "GB/s", "% copy", "max|err|"]
+    headers = ["matrix", "N,K", "M", "impl", "BN,BKw,S,warps,stages,T", "busy us", "GB/s", "% copy", "max|err|"]
     rows = []
     for name, m in itertools.product(args.shapes, [int(v) for v in args.rows.split(",")]):
         n, k = SHAPES_1B[name] if name in SHAPES_1B else map(int, name.split(","))
@@ -326,12 +301,12 @@ def _bench(argv=None):  # pragma: no cover - GPU only
             anchor2 = jax.jit(lambda s: [jax.nn.silu(jnp.einsum("mk,nk->mn", x, w)) * jnp.einsum("mk,nk->mn", x, w)
                                          for w, _, _ in s])
             glu = jax.jit(lambda s: [gemv_int8_glu(x, wd, sc, wd, sc, interpret=args.interpret) for _, wd, sc in s])
-            runs += [("xla bf16 glu", None, anchor2, 4 * n * k), ("pallas glu", resolve_config(n, k // 4, m, None, None, 1), glu, 2 * n * k)]
+            runs += [("xla bf16 glu", None, anchor2, 4 * n * k), ("pallas glu", resolve_config(n, k // 4, None, None, 1), glu, 2 * n * k)]
         for knobs in itertools.product(*knob_lists):
             fn = functools.partial(gemv_int8, block_n=knobs[0], block_kw=knobs[1], num_splits=knobs[2],
                                    num_warps=knobs[3], num_stages=knobs[4], transposed=knobs[5],
-                                   mma=knobs[6], interpret=args.interpret)
-            shown = resolve_config(n, k // 4, m, *knobs)
+                                   interpret=args.interpret)
+            shown = resolve_config(n, k // 4, *knobs)
             runs.append(("pallas", shown, jax.jit(lambda s, fn=fn: [fn(x, wd, sc) for _, wd, sc in s]), n * k))
         for impl, knobs, run, nbytes in runs:
             try:

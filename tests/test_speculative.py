@@ -20,7 +20,7 @@ import pytest
 from ollm_jax import convert, generate, kv_cache
 from ollm_jax import speculative as spec
 from ollm_jax.config import ModelConfig
-from ollm_jax.model import forward, param_specs
+from ollm_jax.model import forward, param_specs, quantize_weights
 from ollm_jax.sampling import SamplingParams, processed_logits
 from tests.conftest import SMOLLM2_GGUF, STORIES260K, TINY_HF, batch_prompts, require
 
@@ -98,10 +98,12 @@ def _stories_prompts():
 @pytest.mark.parametrize("drafter, gamma, adaptive", [
     ("prompt_lookup", 4, True),
     ("self", 5, False),  # stories260K drafting for itself: a good draft, almost everything accepted
+    ("int8", 4, True),  # its own int8 weights (model.quantize_weights) drafting: good, not exact
 ])
 def test_greedy_equals_generate_stories260k(stories, drafter, gamma, adaptive):
     params, cfg = stories
-    draft = {"prompt_lookup": "prompt_lookup", "self": (params, cfg)}[drafter]
+    draft = {"prompt_lookup": "prompt_lookup", "self": (params, cfg),
+             "int8": (quantize_weights(params, "int8"), cfg)}[drafter]
     # 338 ("She") as an extra EOS ends some rows at different points; the others run to the limit.
     stats = _assert_greedy_equal(params, cfg, _stories_prompts(), draft, num_draft_tokens=gamma,
                                  max_new_tokens=40, eos_ids=(2, 338), adaptive_gamma=adaptive)
@@ -110,6 +112,8 @@ def test_greedy_equals_generate_stories260k(stories, drafter, gamma, adaptive):
         assert rate > 0.95 and 7 in stats.target_steps, stats
     if drafter == "prompt_lookup":
         assert stats.accepted_tokens.sum() > 0, stats
+    if drafter == "int8":
+        assert rate > 0.8, stats
 
 
 @pytest.fixture(scope="module")

@@ -141,8 +141,8 @@ def test_bad_formats_mismatched_and_double_quantized_params_are_refused(tiny):
 # ----------------------------------------------------------------------------- the kernel
 
 KERNEL_CASES = [  # M, N, K, knobs
-    (1, 64, 256, {}),  # M = 1: f32 FMAs on the CUDA cores (mma=0)
-    (1, 64, 256, {"mma": 1, "num_splits": 2, "block_kw": 32}),
+    (1, 64, 256, {}),
+    (1, 64, 256, {"num_splits": 2, "block_kw": 32}),
     (5, 48, 512, {"num_splits": 2, "block_kw": 32}),
     (3, 32, 128, {"transposed": 0}),
     (16, 256, 2048, {"block_n": 32, "num_splits": 4}),
@@ -168,7 +168,7 @@ def test_gemv_int8_matches_its_reference(m, n, k, knobs, dtype):
     assert logits.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("m, n, k, knobs", [(1, 64, 256, {}), (1, 32, 128, {"mma": 1}),
+@pytest.mark.parametrize("m, n, k, knobs", [(1, 64, 256, {}), (1, 32, 128, {"block_kw": 16}),
                                             (7, 128, 512, {"block_n": 32, "block_kw": 32}),
                                             (2, 32, 128, {"transposed": 0})])
 def test_gemv_int8_glu_matches_its_reference(m, n, k, knobs):
@@ -194,8 +194,6 @@ def test_gemv_int8_refuses_bad_shapes():
         gemv_int8.gemv_int8(x, words, jnp.ones((32,)), interpret=True)
     with pytest.raises(ValueError, match="block_n must divide"):
         gemv_int8.gemv_int8(x[:4], words, jnp.ones((32,)), block_n=48, interpret=True)
-    with pytest.raises(ValueError, match="mma=0 takes one row of x, got 4"):
-        gemv_int8.gemv_int8(x[:4], words, jnp.ones((32,)), mma=0, interpret=True)
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 8192, 2048), (5, 8192, 2048), (1, 2048, 8192), (5, 2048, 8192),
