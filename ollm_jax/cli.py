@@ -16,6 +16,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-format", default=None, help="KV cache format (default: the model's dtype)")
     p.add_argument("--dtype", default=None, help="load weights as this dtype (bfloat16, float32)")
+    p.add_argument("--weights", default="bf16",
+                   help="bf16 (as loaded) or int8 (weight-only int8 matrices, model.quantize_weights)")
+
+
+def _load(args):
+    from ollm_jax import checkpoint, model
+
+    m = checkpoint.load(args.model, dtype=args.dtype)
+    return m._replace(params=model.quantize_weights(m.params, args.weights))
 
 
 def _sampling_kwargs(args) -> dict:
@@ -39,9 +48,9 @@ def _stream(piece: str) -> None:
 
 
 def _chat(args) -> int:
-    from ollm_jax import checkpoint, engine
+    from ollm_jax import engine
 
-    model = checkpoint.load(args.model, dtype=args.dtype)
+    model = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     prompts = [args.prompt] if args.prompt is not None else None
     while True:
@@ -64,9 +73,9 @@ def _chat(args) -> int:
 
 
 def _generate(args) -> int:
-    from ollm_jax import checkpoint, engine
+    from ollm_jax import engine
 
-    model = checkpoint.load(args.model, dtype=args.dtype)
+    model = _load(args)
     sys.stdout.write(args.prompt)
     c = engine.complete(model, args.prompt, on_text=_stream, **_sampling_kwargs(args))
     _print_stats(c)

@@ -58,3 +58,10 @@ def test_cli_generate_and_bad_input(stories_dir, capsys):
     assert cli.main(["generate", str(stories_dir), "--prompt", "x", "--max-new-tokens", "600"]) == 2
     assert "exceeds the model's maximum length" in capsys.readouterr().err
     assert cli.main(["chat", str(stories_dir / "missing"), "--prompt", "hi"]) == 2
+    capsys.readouterr()
+    # int8 weight-only matrices: the same story opening (stories260K is robust to it here).
+    assert cli.main(["generate", str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "6",
+                     "--weights", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("Once upon a time, there was a little")
+    assert cli.main(["generate", str(stories_dir), "--prompt", "x", "--weights", "int4"]) == 2
+    assert "weight_format 'int4'" in capsys.readouterr().err

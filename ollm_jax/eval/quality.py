@@ -37,7 +37,7 @@ import numpy as np
 
 from ollm_jax import kv_cache
 from ollm_jax.config import ModelConfig
-from ollm_jax.model import Params, forward
+from ollm_jax.model import WEIGHT_FORMATS, Params, forward, quantize_weights
 
 DEFAULT_WINDOW = 2048
 DEFAULT_CHUNK = 128
@@ -344,13 +344,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-windows", type=int, default=None, help="use at most this many windows")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="tokens per forward call")
     p.add_argument("--dtype", default=None, help="load weights as this dtype (default: as stored)")
+    p.add_argument("--weights", default="bf16", choices=WEIGHT_FORMATS,
+                   help="int8: every matrix in int8 weight-only (`model.quantize_weights`); bf16: as loaded")
     p.add_argument("--json", default=None, help="also write results under key 'perplexity' of this JSON file")
     args = p.parse_args(argv)
 
     model = load_model(args.model, args.dtype)
+    model = model._replace(params=quantize_weights(model.params, args.weights))
     tokens = tokenize(model.tokenizer, read_texts(args.text))
     windows = token_windows(tokens, args.window, args.max_windows)
-    print(f"{args.model} ({model.cfg.dtype}): {len(tokens)} tokens from {len(args.text)} files; "
+    print(f"{args.model} ({model.cfg.dtype}, {args.weights} matrices): {len(tokens)} tokens from {len(args.text)} files; "
           f"{windows.shape[0]} windows of {args.window}; chunk {args.chunk}", flush=True)
     reference = kv_cache.resolve_format(model.cfg, args.reference)
     t0 = time.perf_counter()
