@@ -18,6 +18,7 @@
 #   bash bench/gpu_session.sh l    gemv_int8: its tests compiled, its tiles / warps beside XLA's dots, the 1B int8 step
 #   bash bench/gpu_session.sh m    gemv_int8 sweep: rows a program (warps following), splits, words a step
 #   bash bench/gpu_session.sh n    gemv_int8 defaults and GLU, the 1B step with all or the MLP/head matrices in int8
+#   bash bench/gpu_session.sh p    gemv_int8 at 1-4 pipeline stages (its fixed cost per call)
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -112,6 +113,10 @@ case "${1:-}" in
     step 120 profile_1b_int8 python3 bench/decode_profile.py --model 1b --weights int8 --top 12 --out "$OUT/"
     step 120 profile_1b_int8_mlp python3 bench/decode_profile.py --model 1b --weights int8 --top 12 \
       --int8-matrices w_gate w_up w_down embedding lm_head --out "$OUT/"
+    ;;
+  p)
+    # Where gemv_int8's ~4 us fixed cost comes from: the software pipeline's depth.
+    step 150 gemv_stages python3 -m pallas_kernels.gemv_int8 --rows 1 --shapes q "gate|up" down --num-stages 1,2,3,4
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \
