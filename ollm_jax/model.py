@@ -108,10 +108,8 @@ def _project(spec: str, x: jax.Array, w: Matrix, out_dtype=None) -> jax.Array:
         y = gemv_int8.gemv_int8(rows, w.values, w.scale, out_dtype=out_dtype)
     else:
         y = gemv_int8.gemv_int8_reference(rows, w.values, w.scale, out_dtype=out_dtype)
-    lead = x.shape[:-1]
-    while math.prod(x.shape[len(lead):]) < k:
-        lead = lead[:-1]
-    return y.reshape(*lead, *w.out_shape)
+    contracted = len(spec.split(",")[1].split("->")[0]) - len(w.out_shape)  # w's subscripts not in the output
+    return y.reshape(*x.shape[: x.ndim - contracted], *w.out_shape)
 
 
 def _int8_kernel(x: jax.Array, w: Matrix) -> bool:
@@ -213,7 +211,7 @@ class Attention(nn.Module):
                       _param(self, "b_v", (k, d), ("kv_heads", "head_dim"), nn.initializers.zeros))
 
         write_impl = attn.impl
-        if _fused_projection(attn.impl, cfg, x, w_q, w_k):
+        if _fused_projection(attn.impl, cfg, x, w_q, w_k, w_v):
             from pallas_kernels import norm_qkv  # the kernels import this package
 
             q, k_new, v_new = norm_qkv.norm_qkv_rope(
@@ -246,12 +244,12 @@ class Attention(nn.Module):
         return out, layer_cache
 
 
-def _fused_projection(impl: str, cfg: ModelConfig, x: jax.Array, w_q: Matrix, w_k: Matrix) -> bool:
+def _fused_projection(impl: str, cfg: ModelConfig, x: jax.Array, w_q: Matrix, w_k: Matrix, w_v: Matrix) -> bool:
     """Whether the q/k/v projection runs as the fused Pallas kernels (`pallas_kernels.norm_qkv`):
     under "pallas" only (interpret mode off the GPU), for decode-sized steps (B x T <= its
     MAX_ROWS), not with Qwen3's qk-norm (between the GEMV and RoPE) nor quantized weights. "auto"
     keeps XLA's path, which measured faster on an H200 (see that module)."""
-    if cfg.qk_norm or impl != "pallas" or w_q.scale is not None:
+    if cfg.qk_norm or impl != "pallas" or any(w.scale is not None for w in (w_q, w_k, w_v)):
         return False
     from pallas_kernels import norm_qkv
 

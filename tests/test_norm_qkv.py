@@ -99,9 +99,9 @@ def test_model_decode_step_through_the_kernel(kv_format):
     step_tokens = jnp.array([[5], [77]], jnp.int32)
     step_pos = jnp.array([[prompt], [prompt - 2]], jnp.int32)  # ragged rows
     want, want_cache = model.forward(params, cfg, step_tokens, step_pos, cache, attention_impl="xla")
-    w_q, w_k = (params["layers_0"]["attn"][n] for n in ("w_q", "w_k"))
+    w_q, w_k, w_v = (params["layers_0"]["attn"][n] for n in ("w_q", "w_k", "w_v"))
     assert model._fused_projection("pallas", cfg, jnp.zeros((batch, 1, cfg.hidden_size)),
-                                   model.Matrix(w_q, None, w_q.shape[1:]), model.Matrix(w_k, None, w_k.shape[1:]))
+                                   *(model.Matrix(w, None, w.shape[1:]) for w in (w_q, w_k, w_v)))
     got, got_cache = model.forward(params, cfg, step_tokens, step_pos, cache, attention_impl="pallas")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0.03, atol=0.03 * float(jnp.abs(want).max()))
     for g, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
