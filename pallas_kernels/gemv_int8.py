@@ -47,7 +47,7 @@ from pallas_kernels.flash_decode import int8_words_to_fp16
 
 MAX_ROWS = 16
 FP16_MAX = 65504.0
-NUM_SMS = 132  # H100 / H200
+TARGET_PROGRAMS = 512  # about 4 a streaming multiprocessor on an H100 / H200 (132)
 
 
 class Config(NamedTuple):
@@ -61,11 +61,11 @@ class Config(NamedTuple):
 
 def default_config(n: int, kw: int) -> Config:
     """16 rows a program (one warp: the mma's M), 64 words a step, and splits of K until the
-    grid has 512 programs (measured best on an H200 for the Llama-3.2-1B matrices, part m
-    of bench/gpu_session.sh)."""
+    grid has TARGET_PROGRAMS programs: the best of part m of bench/gpu_session.sh for the
+    Llama-3.2-1B matrices on an H200 (`raw/2026-11-27-h200-s6-d-gemv_sweep.log`)."""
     block_n, block_kw = 16, min(64, kw & -kw)
     splits = 1
-    while (n // block_n) * splits < 4 * 128 and kw % (2 * splits * block_kw) == 0:
+    while (n // block_n) * splits < TARGET_PROGRAMS and kw % (2 * splits * block_kw) == 0:
         splits *= 2
     return Config(block_n, block_kw, splits, num_warps=1, num_stages=3, transposed=1)
 
