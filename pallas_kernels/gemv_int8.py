@@ -142,9 +142,11 @@ def _check(x: jax.Array, words: jax.Array, scale: jax.Array, name: str) -> None:
                          f"scale [N]; got {x.shape=} {words.shape=} {words.dtype=} {scale.shape=}")
 
 
-def _call(x, mats, *, glu: bool, out_dtype, knobs: tuple, interpret: bool) -> jax.Array:
+def _call(x, mats: tuple[tuple[jax.Array, jax.Array], ...], *, glu: bool, out_dtype, knobs: tuple,
+          interpret: bool) -> jax.Array:
+    """The kernel over (words, scale) pairs of one shape: one pair, or gate and up with `glu`."""
     m, k = x.shape
-    n, kw = mats[0].shape
+    n, kw = mats[0][0].shape
     cfg = resolve_config(n, kw, *knobs)
     per_split = kw // cfg.num_splits
     if n % cfg.block_n or kw % cfg.num_splits or per_split % cfg.block_kw or (glu and cfg.num_splits > 1):
@@ -153,24 +155,23 @@ def _call(x, mats, *, glu: bool, out_dtype, knobs: tuple, interpret: bool) -> ja
     mp = max(8 if cfg.transposed else 16, pl.next_power_of_2(m))
     scaled = cfg.num_splits == 1
     kernel = functools.partial(_kernel, m=m, quarter=kw, block_kw=cfg.block_kw, steps=per_split // cfg.block_kw,
-                               scaled=scaled, glu=glu, transposed=bool(cfg.transposed),
-                               interpret=interpret)
+                               scaled=scaled, glu=glu, transposed=bool(cfg.transposed), interpret=interpret)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     w_spec = pl.BlockSpec((cfg.block_n, per_split), lambda i, s: (i, s))
     s_spec = pl.BlockSpec((cfg.block_n,), lambda i, s: (i,))
     y = pl.pallas_call(
         kernel,
         grid=(n // cfg.block_n, cfg.num_splits),
-        in_specs=[pl.BlockSpec((mp, k), lambda i, s: (0, 0))] + [w_spec, s_spec] * (len(mats) // 2),
+        in_specs=[pl.BlockSpec((mp, k), lambda i, s: (0, 0))] + [w_spec, s_spec] * len(mats),
         out_specs=pl.BlockSpec((None, mp, cfg.block_n), lambda i, s: (s, 0, i)),
         out_shape=jax.ShapeDtypeStruct((cfg.num_splits, m, n), out_dtype if scaled else jnp.float32),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="gemv_int8_glu" if glu else "gemv_int8",
-    )(x, *[a.astype(jnp.float32) if a.ndim == 1 else a for a in mats])
+    )(x, *[a for words, scale in mats for a in (words, scale.astype(jnp.float32))])
     if scaled:
         return y[0]
-    return (jnp.sum(y, axis=0) * mats[1]).astype(out_dtype)
+    return (jnp.sum(y, axis=0) * mats[0][1]).astype(out_dtype)
 
 
 _KNOBS = ("block_n", "block_kw", "num_splits", "num_warps", "num_stages", "transposed")
@@ -203,7 +204,7 @@ def gemv_int8(
     """
     _check(x, words, scale, "gemv_int8")
     knobs = (block_n, block_kw, num_splits, num_warps, num_stages, transposed)
-    return _call(x, (words, scale), glu=False, out_dtype=out_dtype, knobs=knobs, interpret=interpret)
+    return _call(x, ((words, scale),), glu=False, out_dtype=out_dtype, knobs=knobs, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=(*_KNOBS, "interpret"))
@@ -230,7 +231,7 @@ def gemv_int8_glu(
     if gate_words.shape != up_words.shape:
         raise ValueError(f"gate {gate_words.shape} and up {up_words.shape} words differ")
     knobs = (block_n, block_kw, num_splits or 1, num_warps, num_stages, transposed)
-    return _call(x, (gate_words, gate_scale, up_words, up_scale), glu=True, out_dtype=None, knobs=knobs,
+    return _call(x, ((gate_words, gate_scale), (up_words, up_scale)), glu=True, out_dtype=None, knobs=knobs,
                  interpret=interpret)
 
 

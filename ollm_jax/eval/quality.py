@@ -353,8 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = model._replace(params=quantize_weights(model.params, args.weights))
     tokens = tokenize(model.tokenizer, read_texts(args.text))
     windows = token_windows(tokens, args.window, args.max_windows)
-    print(f"{args.model} ({model.cfg.dtype}, {args.weights} matrices): {len(tokens)} tokens from {len(args.text)} files; "
-          f"{windows.shape[0]} windows of {args.window}; chunk {args.chunk}", flush=True)
+    print(f"{args.model} ({model.cfg.dtype}, {args.weights} matrices): {len(tokens)} tokens from "
+          f"{len(args.text)} files; {windows.shape[0]} windows of {args.window}; chunk {args.chunk}", flush=True)
     reference = kv_cache.resolve_format(model.cfg, args.reference)
     t0 = time.perf_counter()
     # The reference runs anyway; a format equal to it is not run twice (its KL is 0).
