@@ -121,11 +121,10 @@ case "${1:-}" in
     step 150 gemv_stages python3 -m pallas_kernels.gemv --rows 1 --shapes q "gate|up" down --num-stages 1,2,3,4
     ;;
   q)
-    step 240 weights_tests python3 -m pytest -q -p no:cacheprovider tests/test_weights.py
-    step 150 gemv_int4 python3 -m pallas_kernels.gemv --rows 1,5 --formats int8,int4 --glu \
-      --shapes "gate|up" down lm_head
+    step 120 weights_tests python3 -m pytest -q -p no:cacheprovider tests/test_weights.py
+    step 150 gemv_int4 python3 -m pallas_kernels.gemv --rows 1,5 --formats int8,int4 --glu
     step 120 gemv_int4_tiles python3 -m pallas_kernels.gemv --rows 1 --formats int4 --no-anchor \
-      --shapes "gate|up" down lm_head --block-kw 32,64,128
+      --shapes "gate|up" down lm_head --block-kw 32,64,128 --num-stages 3,4
     step 120 profile_1b_int4_mlp python3 bench/decode_profile.py --model 1b --weights int4 --top 12 \
       --matrices w_gate w_up w_down embedding lm_head --out "$OUT/"
     ;;

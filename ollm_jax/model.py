@@ -54,28 +54,35 @@ _dense_init = nn.initializers.normal(stddev=0.02)
 
 # The axes each matrix contracts with its input; the others are its output channels, in
 # the order they end the product (`_project`). `quantize_weights` stores a matrix as words
-# [N, K/4] (N outputs, K contracted; int8 uint32, int4 uint16, in the KV cache's
-# packings: `pallas_kernels.gemv` says which) and `<name>_scale` (int8: f32 [N]; int4:
-# fp16 [N, K/G], a scale per group of G columns).
+# [N, K/4] (N outputs, K contracted) in the KV cache's packings (`pallas_kernels.gemv`
+# says which) with `<name>_scale` (int8: f32 [N]; int4: fp16 [K/G, N]) and, int4 only,
+# `<name>_zero` (fp16 [K/G, N]).
 CONTRACTED_AXES = {"w_q": (0,), "w_k": (0,), "w_v": (0,), "w_o": (1, 2), "w_gate": (0,), "w_up": (0,),
                    "w_down": (0,), "lm_head": (0,), "embedding": (1,)}
 SCALE_SUFFIX = "_scale"
+ZERO_SUFFIX = "_zero"
 WEIGHT_FORMATS = ("bf16", "int8", "int4")  # "bf16": as stored (the config's dtype)
 INT4_GROUP = 128  # int4 columns a group, at most (`quantize_weights`)
 
 
 class Matrix(NamedTuple):
     """A weight matrix as the params hold it: `values` in its declared shape and the
-    config's dtype (scale None), or quantized (`quantize_weights`): words [N, K/4] and
-    their scale."""
+    config's dtype (scale and zero None), or quantized (`quantize_weights`): words
+    [N, K/4], scale, and zero for int4."""
 
     values: jax.Array
     scale: jax.Array | None
+    zero: jax.Array | None
     out_shape: tuple[int, ...]  # the output axes' sizes (N = their product)
 
     @property
     def format(self) -> str:
-        return "bf16" if self.scale is None else "int8" if self.values.dtype == jnp.uint32 else "int4"
+        return "bf16" if self.scale is None else "int8" if self.zero is None else "int4"
+
+    @property
+    def quantized(self) -> tuple[jax.Array, ...]:
+        """(words, scale, zero): `pallas_kernels.gemv`'s arguments."""
+        return self.values, self.scale, self.zero
 
 
 def _packed_shape(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
@@ -86,23 +93,26 @@ def _packed_shape(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], i
 
 
 def _matrix(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> Matrix:
-    """Declares one matrix (`_param`), or reads its quantized words and scale if the params
-    hold those."""
+    """Declares one matrix (`_param`), or reads its quantized words, scale (and zero) if the
+    params hold those."""
     out_shape, n, k = _packed_shape(name, shape)
     if not module.has_variable("params", name + SCALE_SUFFIX):
-        return Matrix(_param(module, name, shape, axes, _dense_init), None, out_shape)
+        return Matrix(_param(module, name, shape, axes, _dense_init), None, None, out_shape)
     words, scale = module.get_variable("params", name), module.get_variable("params", name + SCALE_SUFFIX)
-    if words.dtype == jnp.uint16:  # int4
-        groups = scale.shape[-1] if scale.ndim == 2 else 0
-        if words.shape != (n, k // 4) or scale.shape[0] != n or not groups or k % groups:
-            raise ValueError(f"{module.path}/{name}: int4 params must be words uint16 [{n}, {k // 4}] and scale "
-                             f"[{n}, K/G] with K/G dividing {k} (`quantize_weights` of a {shape} matrix); got "
-                             f"{words.shape} and {scale.shape}")
-    elif words.shape != (n, k // 4) or words.dtype != jnp.uint32 or scale.shape != (n,):
-        raise ValueError(f"{module.path}/{name}: int8 params must be words uint32 [{n}, {k // 4}] and scale [{n}] "
-                         f"(`quantize_weights` of a {shape} matrix); got {words.dtype} {words.shape} and "
-                         f"{scale.shape}")
-    return Matrix(words, scale, out_shape)
+    if not module.has_variable("params", name + ZERO_SUFFIX):
+        if words.shape != (n, k // 4) or words.dtype != jnp.uint32 or scale.shape != (n,):
+            raise ValueError(f"{module.path}/{name}: int8 params must be words uint32 [{n}, {k // 4}] and scale "
+                             f"[{n}] (`quantize_weights` of a {shape} matrix); got {words.dtype} {words.shape} "
+                             f"and {scale.shape}")
+        return Matrix(words, scale, None, out_shape)
+    zero = module.get_variable("params", name + ZERO_SUFFIX)
+    groups = scale.shape[0] if scale.ndim == 2 else 0
+    if (words.shape != (n, k // 4) or words.dtype != jnp.uint16 or scale.ndim != 2 or scale.shape[1] != n
+            or zero.shape != scale.shape or not groups or k % groups):
+        raise ValueError(f"{module.path}/{name}: int4 params must be words uint16 [{n}, {k // 4}], scale and zero "
+                         f"[K/G, {n}] with K/G dividing {k} (`quantize_weights` of a {shape} matrix); got "
+                         f"{words.dtype} {words.shape}, {scale.shape} and {zero.shape}")
+    return Matrix(words, scale, zero, out_shape)
 
 
 def _project(spec: str, x: jax.Array, w: Matrix, out_dtype=None) -> jax.Array:
@@ -118,7 +128,7 @@ def _project(spec: str, x: jax.Array, w: Matrix, out_dtype=None) -> jax.Array:
     k = 4 * w.values.shape[1]
     rows = x.reshape(-1, k)  # [M, K]: the contracted axes end x
     product = gemv.gemv if _gemv_kernel(x, w) else gemv.gemv_reference
-    y = product(rows, w.values, w.scale, out_dtype=out_dtype)
+    y = product(rows, *w.quantized, out_dtype=out_dtype)
     contracted = len(spec.split(",")[1].split("->")[0]) - len(w.out_shape)  # w's subscripts not in the output
     return y.reshape(*x.shape[: x.ndim - contracted], *w.out_shape)
 
@@ -132,7 +142,7 @@ def _gemv_kernel(x: jax.Array, w: Matrix) -> bool:
     from pallas_kernels import gemv
 
     k = 4 * w.values.shape[1]
-    return gemv.supports(x.reshape(-1, k), w.values, w.scale)
+    return gemv.supports(x.reshape(-1, k), *w.quantized)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -282,7 +292,7 @@ class MLP(nn.Module):
             from pallas_kernels import gemv
 
             b, t = x.shape[:2]
-            hidden = gemv.gemv_glu(x.reshape(b * t, e), w_gate[:2], w_up[:2]).reshape(b, t, f)  # [B, T, F]
+            hidden = gemv.gemv_glu(x.reshape(b * t, e), w_gate.quantized, w_up.quantized).reshape(b, t, f)
         else:
             gate = _project("bte,ef->btf", x, w_gate)  # [B, T, F]
             up = _project("bte,ef->btf", x, w_up)  # [B, T, F]
@@ -313,10 +323,12 @@ class Transformer(nn.Module):
         cfg = self.cfg
         embedding = _matrix(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
         x = jnp.take(embedding.values, tokens, axis=0)  # [B, T, E] (quantized: words [B, T, E/4])
-        if embedding.scale is not None:  # the rows' words and scales
-            from pallas_kernels import gemv
-
-            x = gemv.dequantize(x, jnp.take(embedding.scale, tokens, axis=0)).astype(cfg.dtype)  # [B, T, E]
+        if embedding.format == "int8":  # a scale per row
+            rows = kv_cache.unpack_int8(x).astype(jnp.float32)  # [B, T, E]
+            x = (rows * jnp.take(embedding.scale, tokens)[..., None]).astype(cfg.dtype)
+        elif embedding.format == "int4":  # a scale and zero per group of a row
+            scale, zero = (jnp.moveaxis(jnp.take(a, tokens, axis=1), 0, -1) for a in embedding.quantized[1:])
+            x = kv_cache.dequantize_int4(x, scale, zero, cfg.dtype)  # [B, T, E]
         layers = []
         for i in range(cfg.num_layers):
             x, layer = Block(cfg, name=f"layers_{i}")(x, positions, cache.layers[i], self.attn)
@@ -419,16 +431,11 @@ def int4_group(k: int, at_most: int = INT4_GROUP) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize_int4(w: jax.Array, contracted: tuple[int, ...], group: int) -> tuple[jax.Array, jax.Array]:
-    """w -> (words uint16 [N, K/4], scale fp16 [N, K/G]): symmetric per group of `group`
-    columns, scale = absmax / 7.5 and n = round(w / scale) in [-8, 7] stored as n + 8."""
-    w = _as_rows(w, contracted)  # [N, K]
-    n, k = w.shape
-    groups = w.reshape(n, k // group, group)
-    amax = jnp.max(jnp.abs(groups), axis=2)  # [N, K/G]
-    scale = jnp.where(amax > 0, amax / 7.5, 1.0).astype(jnp.float16)
-    values = jnp.clip(jnp.round(groups / scale[..., None].astype(jnp.float32)), -8, 7)
-    return kv_cache.pack_int4((values + 8).astype(jnp.uint8).reshape(n, k)), scale
+def _quantize_int4(w: jax.Array, contracted: tuple[int, ...], group: int) -> tuple[jax.Array, ...]:
+    """w -> (words uint16 [N, K/4], scale, zero fp16 [K/G, N]): asymmetric per group of
+    `group` columns (`kv_cache.quantize_int4`, min to max in 15 steps)."""
+    words, scale, zero = kv_cache.quantize_int4(_as_rows(w, contracted), group)
+    return words, scale.T, zero.T
 
 
 def quantize_weights(params: Params, weight_format: str = "int8", matrices=None, group: int = INT4_GROUP) -> Params:
@@ -437,9 +444,9 @@ def quantize_weights(params: Params, weight_format: str = "int8", matrices=None,
 
     - "int8": symmetric, a float32 scale per output channel: words uint32 [N, K/4]
       (`<name>`) and scale [N] (`<name>_scale`). gpt-fast's int8 weight-only mode.
-    - "int4": symmetric per group of G columns of a row (G = `int4_group(K, group)`, 128
-      for Llama's matrices): words uint16 [N, K/4] and scale fp16 [N, K/G]
-      (`<name>_scale`); 4.125 bits a weight at G = 128.
+    - "int4": asymmetric per group of G columns of a row (G = `int4_group(K, group)`,
+      128 for Llama's matrices): words uint16 [N, K/4], scale and zero fp16 [K/G, N]
+      (`<name>_scale`, `<name>_zero`); 4.25 bits a weight at G = 128.
     - "bf16": the params as given.
 
     `forward` takes the result as it takes the original (activations stay in the config's
@@ -462,7 +469,8 @@ def quantize_weights(params: Params, weight_format: str = "int8", matrices=None,
         if weight_format == "int8":
             return dict(zip((name, name + SCALE_SUFFIX), _quantize_int8(w, contracted)))
         k = math.prod(w.shape[i] for i in contracted)
-        return dict(zip((name, name + SCALE_SUFFIX), _quantize_int4(w, contracted, int4_group(k, group))))
+        words, scale, zero = _quantize_int4(w, contracted, int4_group(k, group))
+        return {name: words, name + SCALE_SUFFIX: scale, name + ZERO_SUFFIX: zero}
 
     def walk(tree: Params) -> Params:
         out = {}

@@ -213,18 +213,6 @@ PTX_INT4_WORDS_TO_FP16, PTX_INT4_WORDS_TO_BIASED_FP16 = (tuple(
                                    move="prmt.b32 t, $1, $1, 0x3311;" if e >= 2 else "mov.b32 t, $1;", last=last)
     for e in range(4)
 ) for last in ("lop3.b32 t, t, mask, magic, 0xEA;\nsub.f16x2 $0, t, magic;", "lop3.b32 $0, t, mask, magic, 0xEA;"))
-# The signed variant (int4 weights, `pallas_kernels.gemv`: nibble u holds u - 8) gives
-# u - 8 in every quarter: even quarters subtract 1024 + 8; odd ones, which hold
-# 1024 + 16 u, become (1024 + 16 u) / 16 - 72 in one fma (exact: every step is an fp16).
-PTX_INT4_WORDS_TO_SIGNED_FP16 = tuple(
-    _PTX_INT4_WORDS_TO_FP16.format(
-        mask="0x00F000F0" if e % 2 else "0x000F000F",
-        move="prmt.b32 t, $1, $1, 0x3311;" if e >= 2 else "mov.b32 t, $1;",
-        last="lop3.b32 t, t, mask, magic, 0xEA;\n" + (
-            "mov.b32 mask, 0x2C002C00;\nmov.b32 magic, 0xD480D480;\nfma.rn.f16x2 $0, t, mask, magic;" if e % 2
-            else "mov.b32 magic, 0x64086408;\nsub.f16x2 $0, t, magic;"))
-    for e in range(4))
-INT4_SIGNED_OFFSET = 8
 
 
 def _words_to_fp16(words: jax.Array, ptx: tuple[str, ...], constraints: str) -> list[jax.Array]:
@@ -243,21 +231,15 @@ def int8_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False) 
     return _words_to_fp16(words, PTX_INT8_WORDS_TO_BIASED_FP16 if biased else PTX_INT8_WORDS_TO_FP16, "=r,r,r")
 
 
-def int4_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False, signed: bool = False
-                       ) -> list[jax.Array]:
+def int4_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False) -> list[jax.Array]:
     """uint16 words [Ts, C] -> the four quarters' nibbles, fp16 [Ts, C] each, exact:
     n for quarters 0 and 2, 16 n for quarters 1 and 3 (masked in place, no shift); plus
-    INT4_BIAS when `biased`; `signed`: n - INT4_SIGNED_OFFSET in every quarter."""
+    INT4_BIAS when `biased`."""
     if interpret:
-        if signed:
-            return [(((words >> (4 * e)) & 0xF).astype(jnp.int32) - INT4_SIGNED_OFFSET).astype(jnp.float16)
-                    for e in range(4)]
         bias = INT4_BIAS if biased else 0
         return [(((words >> (8 * (e // 2))) & (0xF0 if e % 2 else 0x0F)).astype(jnp.int32) + bias).astype(jnp.float16)
                 for e in range(4)]
-    ptx = (PTX_INT4_WORDS_TO_SIGNED_FP16 if signed else PTX_INT4_WORDS_TO_BIASED_FP16 if biased
-           else PTX_INT4_WORDS_TO_FP16)
-    return _words_to_fp16(words, ptx, "=r,r")
+    return _words_to_fp16(words, PTX_INT4_WORDS_TO_BIASED_FP16 if biased else PTX_INT4_WORDS_TO_FP16, "=r,r")
 
 
 def _flash_decode_kernel(

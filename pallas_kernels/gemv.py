@@ -6,9 +6,9 @@ with W as `ollm_jax.model.quantize_weights` stores it, K packed into words along
 rows in the KV cache's layouts (word j holds columns j + c K/4, one per quarter c):
 
 - int8: words uint32 [N, K/4] (`kv_cache.pack_int8`), symmetric, W = scale [N] (f32) x n.
-- int4: words uint16 [N, K/4] (`kv_cache.pack_int4`), symmetric per group of G columns
-  (G divides K/4, so a group lies in one quarter): nibble u holds n = u - 8 and
-  W = scale [N, K/G] (fp16) x n, as Marlin's and GPTQ's symmetric int4.
+- int4: words uint16 [N, K/4] (`kv_cache.pack_int4`), asymmetric per group of G columns
+  (G divides K/4, so a group lies in one quarter), W = scale x n + zero with scale and
+  zero fp16 [K/G, N]: transposed, so that one step's row of each is one contiguous load.
 
 Why a kernel: XLA's Triton GEMM converts an int8 (or fp8) operand inside the fusion but at
 M = 1 it read such a matrix at 1.5-1.9 TB/s on an H200, below its 3.7 TB/s for bf16, so
@@ -16,11 +16,9 @@ the halved bytes came back as time (bench/results/2026-11-27-h200-speculative-sh
 session 6). Here the words become fp16 in registers with the KV cache's lop3/prmt
 sequences (`flash_decode.int8_words_to_fp16` and `int4_words_to_fp16`, about 1.5 and
 1.25 instructions a value), x enters the tensor cores as fp16 (clipped to +-65504,
-bf16's range beyond it). The int8 scale is applied once per output, to the dot's result;
-an int4 tile is multiplied by its group's scales in fp16 before the dot (one packed
-multiply per two values), so every group's products accumulate in the same tensor-core
-accumulator (an asymmetric layout's zero points measured 2x slower: a sum of x per
-group and its layout change every step). `gemv_glu` reads the MLP's gate and up matrices in one launch (the same rows of
+bf16's range beyond it), and the scales are applied to the dot's result: once per output
+for int8; for int4 once per group, as scale (x . n) + zero sum(x) over the group's
+columns. `gemv_glu` reads the MLP's gate and up matrices in one launch (the same rows of
 each against one load of x) and writes silu(gate) * up.
 
 Measured on an H200 at M = 1 (`python -m pallas_kernels.gemv`): the Llama-3.2-1B LM head
@@ -37,7 +35,7 @@ XLA after. `transposed` puts W's rows on the mma's M (acc [BN, Mp], x padded to 
 rows) instead of x's (acc [Mp, BN], Mp >= 16).
 
 Dimensions: M rows of x, K contracted, N outputs, Kw = K / 4 words a row, G int4 columns a
-group, BN rows and BKw words per tile (int4: BKw divides G: one scale a row a quarter's step),
+group, BN rows and BKw words per tile (int4: BKw divides G, one group a quarter's step),
 S splits of K, Mp = M padded to the mma.
 """
 
@@ -53,13 +51,12 @@ from jax.experimental.pallas import triton as plt
 
 import pallas_kernels  # noqa: F401  (filters the Triton deprecation warning)
 from ollm_jax import kv_cache
-from pallas_kernels.flash_decode import INT4_SIGNED_OFFSET, int4_words_to_fp16, int8_words_to_fp16
+from pallas_kernels.flash_decode import int4_words_to_fp16, int8_words_to_fp16
 
 MAX_ROWS = 16
 FP16_MAX = 65504.0
 TARGET_PROGRAMS = 512  # about 4 a streaming multiprocessor on an H100 / H200 (132)
 WORD_DTYPES = {"int8": jnp.uint32, "int4": jnp.uint16}
-WORD_SCALE_DTYPES = {"int8": jnp.float32, "int4": jnp.float16}  # int4: multiplied into the fp16 tile
 
 
 class Config(NamedTuple):
@@ -71,12 +68,9 @@ class Config(NamedTuple):
     transposed: int
 
 
-def kind_of(words: jax.Array) -> str:
-    """The format of a matrix by its words' dtype: uint32 int8, uint16 int4."""
-    kinds = {jnp.dtype(v): k for k, v in WORD_DTYPES.items()}
-    if words.dtype not in kinds:
-        raise ValueError(f"words {words.dtype}: expected uint32 (int8) or uint16 (int4)")
-    return kinds[words.dtype]
+def kind_of(zero: jax.Array | None) -> str:
+    """The format of a (words, scale, zero) matrix: int4 has zero points, int8 not."""
+    return "int8" if zero is None else "int4"
 
 
 def default_config(n: int, kw: int, kind: str = "int8", group: int | None = None) -> Config:
@@ -104,26 +98,32 @@ def resolve_config(n: int, kw: int, knobs: tuple = (), kind: str = "int8", group
     return cfg
 
 
-def supports(x: jax.Array, words: jax.Array, scale: jax.Array) -> bool:
+def _group(words: jax.Array, scale: jax.Array) -> int:
+    """int4 columns a group: K / the scale's rows."""
+    return 4 * words.shape[1] // scale.shape[0]
+
+
+def supports(x: jax.Array, words: jax.Array, scale: jax.Array, zero: jax.Array | None = None) -> bool:
     """Whether the kernel takes x [M, K] with this matrix: M <= MAX_ROWS, N a multiple of
     16, K/4 of 16; int4: G a multiple of 16 dividing K/4, K/G a power of two."""
     m, k = x.shape
     n, kw = words.shape
     ok = m <= MAX_ROWS and k == 4 * kw and n % 16 == 0 and kw % 16 == 0
-    if words.dtype != jnp.uint16 or not ok:
+    if zero is None or not ok:
         return ok
-    groups = scale.shape[-1]
-    return k % groups == 0 and (k // groups) % 16 == 0 and kw % (k // groups) == 0 and groups & (groups - 1) == 0
+    groups = scale.shape[0]
+    return k % groups == 0 and (kw * 4 // groups) % 16 == 0 and kw % (k // groups) == 0 and groups & (groups - 1) == 0
 
 
 def _kernel(x_ref, *refs, kind: str, m: int, quarter: int, block_kw: int, steps: int, group: int, scaled: bool,
             glu: bool, transposed: bool, interpret: bool):
     # x_ref [Mp, K] (rows >= M outside x: masked); then per matrix (gate and up with
-    # `glu`) w_ref [BN, Kw / S] words and s_ref, int8: [BN] f32; int4: [BN, K/G] fp16
-    # (every group of the row block); o_ref [Mp, BN] (rows >= M masked on store), or the
-    # f32 partial of this split.
+    # `glu`) w_ref [BN, Kw / S] words and, int8: s_ref [BN] f32; int4: s_ref, z_ref
+    # [K/G, BN] fp16 (every group of the row block); o_ref [Mp, BN] (rows >= M masked on
+    # store), or the f32 partial of this split.
     *flat, o_ref = refs
-    mats = list(zip(flat[0::2], flat[1::2]))
+    per = 2 if kind == "int8" else 3
+    mats = [flat[i : i + per] for i in range(0, len(flat), per)]
     f32, mp = jnp.float32, x_ref.shape[0]
     bn = mats[0][0].shape[0]
     first = pl.program_id(1) * steps * block_kw  # this split's first word
@@ -139,19 +139,28 @@ def _kernel(x_ref, *refs, kind: str, m: int, quarter: int, block_kw: int, steps:
             return jnp.dot(w_c, x_c.T, preferred_element_type=f32)
         return jnp.dot(x_c, w_c.T, preferred_element_type=f32)
 
+    def per_output(v):  # f32 [BN] -> broadcastable against the accumulator
+        return v[:, None] if transposed else v[None, :]
+
     def body(i, accs):
         k0 = pl.multiple_of(i * block_kw, block_kw)
         xs = [load_x(c, k0) for c in range(4)]  # one load of x's slices for every matrix
+        if kind == "int4":  # sum(x) over each quarter's columns of this step (one group)
+            sums = [jnp.sum(x_c.astype(f32), axis=1) for x_c in xs]  # [Mp] each
+            sums = [v[None, :] if transposed else v[:, None] for v in sums]  # against the accumulator
         out = []
-        for (w_ref, s_ref), acc in zip(mats, accs):
+        for (w_ref, *scale_refs), acc in zip(mats, accs):
             words = w_ref[:, pl.ds(k0, block_kw)]  # [BN, BKw] uint32 / uint16
             if kind == "int8":
                 for x_c, w_c in zip(xs, int8_words_to_fp16(words, interpret)):  # fp16 [BN, BKw]: byte c, exact
                     acc += dot(w_c, x_c)
             else:
-                for c, (x_c, n_c) in enumerate(zip(xs, int4_words_to_fp16(words, interpret, signed=True))):
+                s_ref, z_ref = scale_refs
+                for c, (x_c, w_c) in enumerate(zip(xs, int4_words_to_fp16(words, interpret))):  # n, or 16 n (odd c)
                     g = (c * quarter + first + k0) // group  # the group of this quarter's step
-                    acc += dot(n_c * s_ref[:, pl.ds(g, 1)], x_c)  # fp16 [BN, BKw] x scale [BN, 1]
+                    scale = s_ref[pl.ds(g, 1), :][0].astype(f32) * (1 / 16 if c % 2 else 1)  # [BN]
+                    zero = z_ref[pl.ds(g, 1), :][0].astype(f32)
+                    acc += dot(w_c, x_c) * per_output(scale) + per_output(zero) * sums[c]
             out.append(acc)
         return tuple(out)
 
@@ -170,29 +179,30 @@ def _kernel(x_ref, *refs, kind: str, m: int, quarter: int, block_kw: int, steps:
         plt.store(o_ref.at[...], out, mask=row_mask)
 
 
-def _check(x: jax.Array, words: jax.Array, scale: jax.Array, name: str) -> None:
+def _check(x: jax.Array, mat: tuple, name: str) -> None:
+    words, scale, zero = mat
     n, kw = words.shape
-    kind = kind_of(words)
+    kind = kind_of(zero)
     if kind == "int8":
-        want = "words uint32 [N % 16 == 0, K/4 % 16 == 0], scale [N]"
-        ok = scale.shape == (n,)
+        want = f"words uint32 [N % 16 == 0, K/4 % 16 == 0], scale [N]"
+        ok = words.dtype == jnp.uint32 and scale.shape == (n,)
     else:
-        want = ("words uint16 [N % 16 == 0, K/4 % 16 == 0], scale [N, K/G] with G a multiple of 16 dividing K/4 "
-                "and K/G a power of two")
-        ok = scale.ndim == 2 and scale.shape[0] == n
-    if not (ok and supports(x, words, scale)):
+        want = ("words uint16 [N % 16 == 0, K/4 % 16 == 0], scale and zero [K/G, N] with G a multiple of 16 "
+                "dividing K/4 and K/G a power of two")
+        ok = words.dtype == jnp.uint16 and scale.ndim == 2 and scale.shape[1] == n and zero.shape == scale.shape
+    if not (ok and supports(x, words, scale, zero)):
         raise ValueError(f"{name} ({kind}) takes x [M <= {MAX_ROWS}, K], {want}; got {x.shape=} {words.shape=} "
-                         f"{scale.shape=}")
+                         f"{words.dtype=} {scale.shape=}" + ("" if zero is None else f" {zero.shape=}"))
 
 
 def _call(x, mats: tuple[tuple, ...], *, glu: bool, out_dtype, knobs: tuple, interpret: bool) -> jax.Array:
-    """The kernel over (words, scale) matrices of one shape and format: one, or gate and up
-    with `glu`."""
+    """The kernel over (words, scale, zero) matrices of one shape and format: one, or gate
+    and up with `glu`."""
     m, k = x.shape
-    words0, scale0 = mats[0]
+    words0, scale0, zero0 = mats[0]
     n, kw = words0.shape
-    kind = kind_of(words0)
-    group = k // scale0.shape[1] if kind == "int4" else None
+    kind = kind_of(zero0)
+    group = _group(words0, scale0) if kind == "int4" else None
     cfg = resolve_config(n, kw, knobs, kind, group)
     per_split = kw // cfg.num_splits
     if (n % cfg.block_n or kw % cfg.num_splits or per_split % cfg.block_kw or (glu and cfg.num_splits > 1)
@@ -208,9 +218,10 @@ def _call(x, mats: tuple[tuple, ...], *, glu: bool, out_dtype, knobs: tuple, int
     specs = [pl.BlockSpec((cfg.block_n, per_split), lambda i, s: (i, s))]
     if kind == "int8":
         specs.append(pl.BlockSpec((cfg.block_n,), lambda i, s: (i,)))
+        operands = [a for words, scale, _ in mats for a in (words, scale.astype(jnp.float32))]
     else:  # every group of the row block: a split reads its own through the group index
-        specs.append(pl.BlockSpec((cfg.block_n, k // group), lambda i, s: (i, 0)))
-    operands = [a for words, scale in mats for a in (words, scale.astype(WORD_SCALE_DTYPES[kind]))]
+        specs += [pl.BlockSpec((scale0.shape[0], cfg.block_n), lambda i, s: (0, i))] * 2
+        operands = [a for mat in mats for a in mat]
     y = pl.pallas_call(
         kernel,
         grid=(n // cfg.block_n, cfg.num_splits),
@@ -235,6 +246,7 @@ def gemv(
     x: jax.Array,
     words: jax.Array,
     scale: jax.Array,
+    zero: jax.Array | None = None,
     *,
     out_dtype=None,
     block_n: int | None = None,
@@ -251,14 +263,15 @@ def gemv(
       x: [M, K] bf16 / fp16 / f32, M <= MAX_ROWS.
       words: int8: [N, K/4] uint32 (`kv_cache.pack_int8`); int4: [N, K/4] uint16
         (`kv_cache.pack_int4`).
-      scale: int8: [N] f32 per output row; int4: [N, K/G] fp16 per group of a row.
+      scale: int8: [N] f32 per output row; int4: [K/G, N] fp16 per group.
+      zero: int4 only: [K/G, N] fp16 per group (None: int8).
       block_n, block_kw, num_splits, num_warps, num_stages, transposed: tuning knobs
         (`Config`); None takes `resolve_config`'s.
       interpret: run in Pallas interpret mode (CPU tests).
     """
-    _check(x, words, scale, "gemv")
+    _check(x, (words, scale, zero), "gemv")
     knobs = (block_n, block_kw, num_splits, num_warps, num_stages, transposed)
-    return _call(x, ((words, scale),), glu=False, out_dtype=out_dtype, knobs=knobs, interpret=interpret)
+    return _call(x, ((words, scale, zero),), glu=False, out_dtype=out_dtype, knobs=knobs, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=(*_KNOBS, "interpret"))
@@ -275,41 +288,34 @@ def gemv_glu(
     transposed: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """silu(x @ gate^T) * (x @ up^T) -> [M, F] in x's dtype, gate and up (words, scale)
-    matrices [F, K] of one format read in one launch (a program reads the same rows of
-    each, against one load of x). Arguments as `gemv`'s; num_splits must be 1."""
-    _check(x, *gate, "gemv_glu")
-    _check(x, *up, "gemv_glu")
+    """silu(x @ gate^T) * (x @ up^T) -> [M, F] in x's dtype, gate and up (words, scale,
+    zero) matrices [F, K] of one format read in one launch (a program reads the same rows
+    of each, against one load of x). Arguments as `gemv`'s; num_splits must be 1."""
+    gate, up = tuple(gate) + (None,) * (3 - len(gate)), tuple(up) + (None,) * (3 - len(up))
+    _check(x, gate, "gemv_glu")
+    _check(x, up, "gemv_glu")
     if jax.tree.map(jnp.shape, gate) != jax.tree.map(jnp.shape, up):
         raise ValueError(f"gate {jax.tree.map(jnp.shape, gate)} and up {jax.tree.map(jnp.shape, up)} differ")
     knobs = (block_n, block_kw, num_splits or 1, num_warps, num_stages, transposed)
     return _call(x, (gate, up), glu=True, out_dtype=None, knobs=knobs, interpret=interpret)
 
 
-def int4_values(words: jax.Array) -> jax.Array:
-    """int4 words uint16 [..., K/4] -> n = nibble - 8, int8 [..., K] in column order."""
-    return kv_cache.unpack_int4(words).astype(jnp.int8) - INT4_SIGNED_OFFSET
+def dequantize(words: jax.Array, scale: jax.Array, zero: jax.Array | None = None) -> jax.Array:
+    """The matrix [N, K] in float32 (exact: every int8 value, int4 n x scale + zero)."""
+    if zero is None:
+        return kv_cache.unpack_int8(words).astype(jnp.float32) * scale.astype(jnp.float32)[:, None]
+    return kv_cache.dequantize_int4(words, scale.T, zero.T, jnp.float32)
 
 
-def dequantize(words: jax.Array, scale: jax.Array) -> jax.Array:
-    """The matrix [..., K] in float32 (exact: int8 n x scale, int4 n x its group's scale);
-    words [..., K/4] with scale [...] (int8) or [..., K/G] (int4)."""
-    scale = scale.astype(jnp.float32)
-    if kind_of(words) == "int8":
-        return kv_cache.unpack_int8(words).astype(jnp.float32) * scale[..., None]
-    n = int4_values(words).astype(jnp.float32)  # [..., K]
-    groups = scale.shape[-1]
-    return (n.reshape(*n.shape[:-1], groups, -1) * scale[..., None]).reshape(n.shape)
-
-
-def gemv_reference(x: jax.Array, words: jax.Array, scale: jax.Array, *, out_dtype=None) -> jax.Array:
+def gemv_reference(x: jax.Array, words: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
+                   out_dtype=None) -> jax.Array:
     """`gemv` in plain JAX: int8 widened to x's dtype in an XLA dot, scaled after; int4
     dequantized to float32 first."""
-    if kind_of(words) == "int8":
+    if zero is None:
         w = kv_cache.unpack_int8(words).astype(x.dtype)  # [N, K]
         y = jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32) * scale
     else:
-        y = jnp.einsum("mk,nk->mn", x.astype(jnp.float32), dequantize(words, scale))
+        y = jnp.einsum("mk,nk->mn", x.astype(jnp.float32), dequantize(words, scale, zero))
     return y.astype(out_dtype or x.dtype)
 
 
@@ -325,13 +331,14 @@ SHAPES_1B = {"q": (2048, 2048), "k|v": (512, 2048), "o": (2048, 2048), "gate|up"
              "down": (2048, 8192), "lm_head": (128256, 2048)}
 
 
-def _random_matrix(key: jax.Array, n: int, k: int, kind: str, group: int) -> tuple[jax.Array, jax.Array]:
-    """(words, scale) of a random [N, K] matrix in `kind`."""
+def _random_matrix(key: jax.Array, n: int, k: int, kind: str, group: int):
+    """(bf16 W [N, K], (words, scale, zero) of it in `kind`)."""
+    w = 0.02 * jax.random.normal(key, (n, k), jnp.bfloat16)
     if kind == "int8":
-        q = jax.random.randint(key, (n, k), -127, 128).astype(jnp.int8)
-        return kv_cache.pack_int8(q), jnp.full((n,), 0.02 / 127, jnp.float32)
-    u = jax.random.randint(key, (n, k), 0, 16)
-    return kv_cache.pack_int4(u), jnp.full((n, k // group), 0.02 / 8, jnp.float16)
+        q = jnp.clip(jnp.round(w.astype(jnp.float32) / 0.02 * 40), -127, 127).astype(jnp.int8)
+        return w, (kv_cache.pack_int8(q), jnp.full((n,), 0.02 / 40, jnp.float32), None)
+    words, scale, zero = kv_cache.quantize_int4(w, group)
+    return w, (words, scale.T, zero.T)
 
 
 def _bench(argv=None):  # pragma: no cover - GPU only
@@ -385,7 +392,7 @@ def _bench(argv=None):  # pragma: no cover - GPU only
                     for g, u in zip(s, s[1:] + s[:1])], 4 * n * k))
         for kind in args.formats.split(","):
             group = min(args.group, k // 4)
-            mats = [_random_matrix(jax.random.fold_in(key, i), n, k, kind, group) for i in range(copies)]
+            mats = [_random_matrix(jax.random.fold_in(key, i), n, k, kind, group)[1] for i in range(copies)]
             nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(mats[0]))
             runs.append((f"xla {kind}", None, mats, lambda s, x: [gemv_reference(x, *mat) for mat in s], nbytes))
             if name == "gate|up" and args.glu:  # gate and up = consecutive copies: two matrices, as in the model
@@ -417,7 +424,7 @@ def _bench(argv=None):  # pragma: no cover - GPU only
                          "-" if us is None else f"{100 * nbytes / us / 1e3 / (copy_bw / 1e9):.0f}", f"{err:.3g}"])
             print(" | ".join(map(str, rows[-1])), flush=True)
     print("\ngemv: busy us = GPU busy time per call in a profiler trace; GB/s = weight bytes read (bf16 for the "
-          "anchor; words and scales otherwise) / busy time; % copy = of the jax copy bandwidth above; "
+          "anchor; words, scales and zeros otherwise) / busy time; % copy = of the jax copy bandwidth above; "
           "max|err| = against XLA's dot of the same quantized matrix")
     print(common.format_table(headers, rows))
 

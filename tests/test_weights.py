@@ -1,5 +1,5 @@
-"""int8 and int4 weight-only matrices (`model.quantize_weights`): the stored words and
-scales against exact arithmetic, the forward pass against the same model with the
+"""int8 and int4 weight-only matrices (`model.quantize_weights`): the stored words, scales
+and zeros against exact arithmetic, the forward pass against the same model with the
 dequantized weights, and `pallas_kernels.gemv` (interpret mode) against its reference."""
 
 import math
@@ -11,7 +11,7 @@ import pytest
 
 from ollm_jax import convert, kv_cache, model
 from ollm_jax.config import ModelConfig
-from ollm_jax.model import CONTRACTED_AXES, SCALE_SUFFIX, quantize_weights
+from ollm_jax.model import CONTRACTED_AXES, SCALE_SUFFIX, ZERO_SUFFIX, quantize_weights
 from pallas_kernels import gemv
 from tests.conftest import STORIES260K, TINY_HF, require
 from tests.lowering import assert_lowers_to_triton
@@ -32,22 +32,23 @@ def _as_rows(w: np.ndarray, name: str) -> np.ndarray:
 
 
 def _pairs(params, qparams, prefix=""):
-    """(path, name, original, words, scale) for every matrix."""
+    """(path, name, original, words, scale, zero) for every matrix."""
     for name, x in params.items():
         if isinstance(x, dict):
             yield from _pairs(x, qparams[name], f"{prefix}{name}/")
         elif name in CONTRACTED_AXES:
-            yield f"{prefix}{name}", name, x, qparams[name], qparams.get(name + SCALE_SUFFIX)
+            yield (f"{prefix}{name}", name, x, qparams[name], qparams.get(name + SCALE_SUFFIX),
+                   qparams.get(name + ZERO_SUFFIX))
 
 
 def _dequantized(params, qparams):
     """The original params with every quantized matrix replaced by its dequantized values
-    (float32, declared layout): int8 values x scale, int4 values x their group's scale."""
+    (float32, declared layout): int8 values x scale, int4 nibbles x scale + zero."""
     out = jax.tree.map(lambda x: x, params)
-    for path, name, w, words, scale in _pairs(params, qparams):
+    for path, name, w, words, scale, zero in _pairs(params, qparams):
         if scale is None:  # left unquantized
             continue
-        rows = np.asarray(gemv.dequantize(words, scale))  # [N, K]
+        rows = np.asarray(gemv.dequantize(words, scale, zero))  # [N, K]
         contracted = CONTRACTED_AXES[name]
         out_axes = tuple(i for i in range(w.ndim) if i not in contracted)
         stored = rows.reshape([w.shape[i] for i in out_axes + contracted])
@@ -63,7 +64,7 @@ def test_int8_words_hold_the_nearest_step_per_output_channel(stories):
     qparams = quantize_weights(params, "int8")
     pairs = list(_pairs(params, qparams))
     assert len(pairs) == 1 + 7 * cfg.num_layers + (not cfg.tie_word_embeddings)
-    for path, name, w, words, scale in pairs:
+    for path, name, w, words, scale, _ in pairs:
         rows = _as_rows(w, name)  # [N, K]
         assert words.dtype == jnp.uint32 and words.shape == (rows.shape[0], rows.shape[1] // 4), path
         want_scale = np.max(np.abs(rows), axis=1) / 127  # per output channel
@@ -81,21 +82,24 @@ def test_int4_nibbles_hold_the_nearest_step_of_each_group(stories):
     qparams = quantize_weights(params, "int4")
     pairs = list(_pairs(params, qparams))
     assert len(pairs) == 1 + 7 * cfg.num_layers + (not cfg.tie_word_embeddings)
-    for path, name, w, words, scale in pairs:
+    for path, name, w, words, scale, zero in pairs:
         rows = _as_rows(w, name)  # [N, K]
         n, k = rows.shape
         group = model.int4_group(k)
         assert words.dtype == jnp.uint16 and words.shape == (n, k // 4), path
-        assert scale.shape == (n, k // group) and scale.dtype == jnp.float16, path
+        assert scale.shape == zero.shape == (k // group, n) and scale.dtype == jnp.float16, path
         groups = rows.reshape(n, k // group, group)  # [N, K/G, G]
-        amax = np.abs(groups).max(axis=2)  # [N, K/G]
-        np.testing.assert_allclose(np.asarray(scale, np.float64), amax / 7.5, rtol=2**-11, err_msg=path)
+        lo, hi = groups.min(axis=2).T, groups.max(axis=2).T  # [K/G, N]
+        np.testing.assert_allclose(np.asarray(zero, np.float64), lo, rtol=2**-11, atol=2**-24, err_msg=path)
+        np.testing.assert_allclose(np.asarray(scale, np.float64), (hi - lo) / 15, rtol=2**-10, atol=2**-24,
+                                   err_msg=path)
         nib = np.asarray(kv_cache.unpack_int4(words), np.float64).reshape(n, k // group, group)
-        step = np.asarray(scale, np.float64)[:, :, None]  # [N, K/G, 1]
-        error = np.abs((nib - 8) * step - groups)
-        # the nearest step; the clipped +absmax is off by up to the fp16 scale's rounding, 7.5 x 2^-11 steps
-        assert np.all(error <= step * (0.5 + 2**-7)), (path, float(np.max(error / step)))
-        assert np.all(np.abs(nib - 8).max(axis=2) >= 7), path  # the absmax maps to -8 or 7
+        step = np.asarray(scale, np.float64).T[:, :, None]  # [N, K/G, 1]
+        base = np.asarray(zero, np.float64).T[:, :, None]
+        error = np.abs(nib * step + base - groups)
+        slack = np.abs(lo).T[:, :, None] * 2**-10 + step * 2**-9  # fp16 zero and scale rounding
+        assert np.all(error <= step / 2 + slack), (path, float(np.max(error / step)))
+        assert np.all(nib.min(axis=2) == 0) and np.all(nib.max(axis=2) >= 14), path  # min to 0, max to 15
     assert model.int4_group(2048) == 128 and model.int4_group(576) == 48 and model.int4_group(172) == 86
 
 
@@ -138,7 +142,8 @@ def test_forward_with_some_quantized_matrices_at_kernel_sized_shapes(weight_form
     assert qparams["lm_head"].dtype == gemv.WORD_DTYPES[weight_format]
     assert "embedding" + SCALE_SUFFIX not in qparams
     x = jnp.zeros((1, cfg.intermediate_size), jnp.float32)
-    assert gemv.supports(x, *[qparams["layers_0"]["mlp"][f"w_down{s}"] for s in ("", SCALE_SUFFIX)])
+    assert gemv.supports(x, *[qparams["layers_0"]["mlp"][f"w_down{s}"] for s in ("", SCALE_SUFFIX)],
+                         qparams["layers_0"]["mlp"].get("w_down" + ZERO_SUFFIX))
     tokens = jax.random.randint(jax.random.key(4), (3, 5), 3, cfg.vocab_size, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (3, 5))
 
@@ -171,8 +176,8 @@ def test_bad_formats_mismatched_and_double_quantized_params_are_refused(tiny):
         quantize_weights(params, "int4", group=0)
     q4 = quantize_weights(params, "int4")
     mlp = q4["layers_1"]["mlp"]
-    mlp["w_down" + SCALE_SUFFIX] = mlp["w_down" + SCALE_SUFFIX][:-1]  # scales for 31 rows, not 32
-    with pytest.raises(ValueError, match=r"w_down: int4 params must be words uint16 \[32, 16\] and scale \[32, K/G\]"):
+    mlp["w_down" + ZERO_SUFFIX] = mlp["w_down" + ZERO_SUFFIX][:, :-1]  # a zero per group of 63 rows, not 64
+    with pytest.raises(ValueError, match=r"w_down: int4 params must be words uint16 \[32, 16\], scale and zero"):
         model.forward(q4, cfg, tokens, tokens, kv_cache.create(cfg, 1, 4))
 
 
@@ -246,10 +251,10 @@ def test_gemv_lowers_for_cuda_at_llama_1b_shapes(m, n, k):
 
 
 def _int4_matrix(key, n: int, k: int, group: int):
-    """(words, scale) of a random [N, K] matrix in int4 with groups of `group`."""
-    ku, ks = jax.random.split(key)
-    words = kv_cache.pack_int4(jax.random.randint(ku, (n, k), 0, 16))
-    return words, jax.random.uniform(ks, (n, k // group), minval=1e-3, maxval=1e-2).astype(jnp.float16)
+    """(words, scale, zero) of a random [N, K] matrix in int4 with groups of `group`."""
+    w = 0.05 * jax.random.normal(key, (n, k))
+    words, scale, zero = kv_cache.quantize_int4(w, group)
+    return words, scale.T, zero.T
 
 
 INT4_CASES = [  # M, N, K, G, knobs
@@ -273,7 +278,7 @@ def test_gemv_int4_matches_its_reference(m, n, k, group, knobs, dtype):
     assert got.shape == (m, n) and got.dtype == dtype
     tol = 1e-2 if dtype == jnp.bfloat16 else 2e-3  # fp16 x, f32 accumulation, the output's rounding
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=tol,
-                               atol=tol * float(jnp.max(jnp.abs(want))))  # fp16 (n x scale) tiles: ~5e-4
+                               atol=tol * float(jnp.max(jnp.abs(want))))
     # ...and the reference is the product with the dequantized matrix, in exact arithmetic
     exact = np.asarray(x, np.float64) @ np.asarray(gemv.dequantize(*mat), np.float64).T
     np.testing.assert_allclose(np.asarray(want), exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
@@ -294,24 +299,26 @@ def test_gemv_int4_glu_matches_its_reference(m, n, k, group, knobs):
 
 def test_gemv_int4_refuses_bad_groups_and_tiles():
     x = jnp.zeros((2, 256), jnp.bfloat16)
-    words, scale = _int4_matrix(jax.random.key(0), 32, 256, 64)
+    words, scale, zero = _int4_matrix(jax.random.key(0), 32, 256, 64)
     with pytest.raises(ValueError, match="block_kw the group 64"):
-        gemv.gemv(x, words, scale, block_kw=64 * 2, num_splits=1, interpret=True)
-    assert gemv.supports(jnp.zeros((1, 384)), *_int4_matrix(jax.random.key(0), 32, 384, 48))  # 8 groups of 48
-    w3, s3 = _int4_matrix(jax.random.key(0), 32, 192, 64)  # K/G = 3 groups: not a power of two
-    assert not gemv.supports(jnp.zeros((1, 192)), w3, s3)
-    with pytest.raises(ValueError, match=r"gemv \(int4\).*scale.shape=\(32, 3\)"):
-        gemv.gemv(jnp.zeros((1, 192)), w3, s3, interpret=True)
-    with pytest.raises(ValueError, match=r"scale.shape=\(31, 4\)"):
-        gemv.gemv(x, words, scale[:31], interpret=True)
+        gemv.gemv(x, words, scale, zero, block_kw=64 * 2, num_splits=1, interpret=True)
+    w24, s24, z24 = _int4_matrix(jax.random.key(0), 32, 384, 48)  # K/G = 8 groups, G = 48
+    assert gemv.supports(jnp.zeros((1, 384)), w24, s24, z24)
+    w3, s3, z3 = _int4_matrix(jax.random.key(0), 32, 192, 64)  # K/G = 3 groups: not a power of two
+    assert not gemv.supports(jnp.zeros((1, 192)), w3, s3, z3)
+    with pytest.raises(ValueError, match=r"gemv \(int4\).*scale.shape=\(3, 32\)"):
+        gemv.gemv(jnp.zeros((1, 192)), w3, s3, z3, interpret=True)
+    with pytest.raises(ValueError, match=r"scale.shape=\(4, 31\)"):
+        gemv.gemv(x, words, scale[:, :31], zero[:, :31], interpret=True)
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 8192, 2048), (5, 8192, 2048), (1, 2048, 8192), (1, 128256, 2048),
                                      (1, 512, 2048)])
 def test_gemv_int4_lowers_for_cuda_at_llama_1b_shapes(m, n, k):
     """The default configuration compiles to Triton IR for the shapes the 1B draft runs."""
+    groups = k // 128
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k // 4), jnp.uint16),
-            jax.ShapeDtypeStruct((n, k // 128), jnp.float16))
+            jax.ShapeDtypeStruct((groups, n), jnp.float16), jax.ShapeDtypeStruct((groups, n), jnp.float16))
     assert_lowers_to_triton(gemv.gemv, *args)
     if n == 8192:  # the MLP's gate and up in one launch
-        assert_lowers_to_triton(lambda x, w, s: gemv.gemv_glu(x, (w, s), (w, s)), *args)
+        assert_lowers_to_triton(lambda x, w, s, z: gemv.gemv_glu(x, (w, s, z), (w, s, z)), *args)
