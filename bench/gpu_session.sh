@@ -19,8 +19,6 @@
 #   bash bench/gpu_session.sh m    gemv_int8 sweep: rows a program (warps following), splits, words a step
 #   bash bench/gpu_session.sh n    gemv_int8 defaults and GLU, the 1B step with all or the MLP/head matrices in int8
 #   bash bench/gpu_session.sh p    gemv_int8 at 1-4 pipeline stages (its fixed cost per call)
-#   bash bench/gpu_session.sh q    gemv int4 beside int8 (tests compiled, defaults, GLU, words a step), the 1B int4 step
-#   bash bench/gpu_session.sh r    speculative draft-model cost model with int8 and int4 drafts (MLP and LM head)
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -98,40 +96,27 @@ case "${1:-}" in
     ;;
   l)
     step 150 weights_tests python3 -m pytest -q -p no:cacheprovider tests/test_weights.py
-    step 200 gemv_tiles python3 -m pallas_kernels.gemv --rows 1 --block-n 16,32,64 --block-kw 64,128
-    step 150 gemv_warps python3 -m pallas_kernels.gemv --rows 1,5 --num-warps 2,4,8 --transposed 0,1
+    step 200 gemv_tiles python3 -m pallas_kernels.gemv_int8 --rows 1 --block-n 16,32,64 --block-kw 64,128
+    step 150 gemv_warps python3 -m pallas_kernels.gemv_int8 --rows 1,5 --num-warps 2,4,8 --transposed 0,1
     step 150 profile_1b_int8 python3 bench/decode_profile.py --model 1b --weights int8 --top 16 --out "$OUT/"
     ;;
   m)
     # gemv_int8 with one warp per 16 rows (the mma's M): rows a program, splits of K, words a step.
-    step 400 gemv_sweep python3 -m pallas_kernels.gemv --rows 1 --block-n 16,32,64 --num-splits 1,2,4 \
+    step 400 gemv_sweep python3 -m pallas_kernels.gemv_int8 --rows 1 --block-n 16,32,64 --num-splits 1,2,4 \
       --block-kw 64,128,256
     ;;
   n)
     # gemv_int8 at its new defaults (one warp, 64 words a step, 512 programs) and the GLU
     # form; the 1B step with every matrix in int8, and with the MLP and LM head only.
     step 100 weights_tests python3 -m pytest -q -p no:cacheprovider tests/test_weights.py
-    step 120 gemv_defaults python3 -m pallas_kernels.gemv --rows 1,5 --glu
+    step 120 gemv_defaults python3 -m pallas_kernels.gemv_int8 --rows 1,5 --glu
     step 120 profile_1b_int8 python3 bench/decode_profile.py --model 1b --weights int8 --top 12 --out "$OUT/"
     step 120 profile_1b_int8_mlp python3 bench/decode_profile.py --model 1b --weights int8 --top 12 \
-      --matrices w_gate w_up w_down embedding lm_head --out "$OUT/"
+      --int8-matrices w_gate w_up w_down embedding lm_head --out "$OUT/"
     ;;
   p)
     # Where gemv_int8's ~4 us fixed cost comes from: the software pipeline's depth.
-    step 150 gemv_stages python3 -m pallas_kernels.gemv --rows 1 --shapes q "gate|up" down --num-stages 1,2,3,4
-    ;;
-  q)
-    step 120 weights_tests python3 -m pytest -q -p no:cacheprovider tests/test_weights.py
-    step 150 gemv_int4 python3 -m pallas_kernels.gemv --rows 1,5 --formats int8,int4 --glu
-    step 120 gemv_int4_tiles python3 -m pallas_kernels.gemv --rows 1 --formats int4 --no-anchor \
-      --shapes "gate|up" down lm_head --block-kw 32,64,128 --num-stages 3,4
-    step 120 profile_1b_int4_mlp python3 bench/decode_profile.py --model 1b --weights int4 --top 12 \
-      --matrices w_gate w_up w_down embedding lm_head --out "$OUT/"
-    ;;
-  r)
-    step 580 spec_shapes python3 bench/speculative.py --part shapes --fit-gammas 1 2 3 4 6 \
-      --verify-widths 1 2 3 4 5 7 --draft-weights int8 int4 --draft-matrices w_gate w_up w_down embedding \
-      lm_head --out "$OUT/"
+    step 150 gemv_stages python3 -m pallas_kernels.gemv_int8 --rows 1 --shapes q "gate|up" down --num-stages 1,2,3,4
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \
@@ -145,7 +130,7 @@ case "${1:-}" in
   d)
     # Fewer draft lengths and verify widths than the defaults: 8B compiles dominate.
     step 580 spec_shapes python3 bench/speculative.py --part shapes --fit-gammas 1 2 3 4 6 \
-      --verify-widths 1 2 3 4 5 7 --draft-weights bf16 int8 --draft-matrices w_gate w_up w_down embedding \
+      --verify-widths 1 2 3 4 5 7 --draft-weights bf16 int8 --draft-int8-matrices w_gate w_up w_down embedding \
       lm_head --out "$OUT/"
     ;;
   e)
