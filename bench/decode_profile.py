@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-format", default=None, help="kv_cache format (default: the model's dtype)")
     p.add_argument("--weights", default="bf16", choices=list(model.WEIGHT_FORMATS),
                    help="weight format (`model.quantize_weights`)")
-    p.add_argument("--matrices", "--int8-matrices", nargs="+", default=None, choices=list(model.CONTRACTED_AXES),
-                   help="with --weights int8 / int4: the matrices quantized (default all)")
+    p.add_argument("--int8-matrices", nargs="+", default=None, choices=list(model.CONTRACTED_AXES),
+                   help="with --weights int8: the matrices quantized (default all)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--top", type=int, default=30, help="kernel rows to print")
     p.add_argument("--copy-gib", type=float, default=1.0)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
     cfg = ModelConfig.from_hf(HF_CONFIGS[args.model], dtype="bfloat16")
     params = jax.block_until_ready(model.quantize_weights(model.init_params(cfg, jax.random.key(0)), args.weights,
-                                                                args.matrices))
+                                                                args.int8_matrices))
     weight_bytes = model.param_bytes(params)
     b, n = args.batch, args.new_tokens
     tokens = jnp.ones((b, args.prompt_len), jnp.int32)  # [B, T]
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         day = datetime.date.today().isoformat()
         path = os.path.join(args.out, f"{day}-{common.card_slug(env)}-decode_profile-{args.model}"
                             f"{'' if args.weights == 'bf16' else '-' + args.weights}"
-                            f"{'' if args.matrices is None else '-some'}.json")
+                            f"{'' if args.int8_matrices is None else '-some'}.json")
         common.save_json(path, result)
         print(f"\nsaved {path}")
     return 0

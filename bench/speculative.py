@@ -17,8 +17,8 @@ Part `lookup` (real weights, batch 1, greedy):
   decode time: the target reads its weights once per verify pass, as once per decode step.
 
 Part `shapes` (random weights, batch 1, prompt `--prompt-len`, greedy): the 8B target in
-bf16; the 1B draft in each of `--draft-weights` (bf16, and int8 or int4 weight-only as
-gpt-fast drafts: `model.quantize_weights`), each costed on its own against the same target figures.
+bf16; the 1B draft in each of `--draft-weights` (bf16, and int8 weight-only as gpt-fast
+drafts: `model.quantize_weights`), each costed on its own against the same target figures.
   c_t, c_d   plain decode ms/step of the 8B target and the 1B draft
              (`bench/decode.py`'s measurement: prefill, then `generation.decode`).
   verify(w)  ms of one target forward over w tokens at positions p .. p+w-1 with the
@@ -121,9 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draft-weights", nargs="+", default=["bf16", "int8"], choices=list(model.WEIGHT_FORMATS),
                    help="shapes: the draft's weight formats, each costed against the bf16 target "
                         "(`model.quantize_weights`); the first one's loop overhead serves the self-draft")
-    p.add_argument("--draft-matrices", "--draft-int8-matrices", nargs="+", default=None,
-                   choices=list(model.CONTRACTED_AXES),
-                   help="shapes: the draft's matrices quantized by --draft-weights int8 / int4 (default all)")
+    p.add_argument("--draft-int8-matrices", nargs="+", default=None, choices=list(model.CONTRACTED_AXES),
+                   help="shapes: the draft's matrices quantized by --draft-weights int8 (default all)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions; the median is reported")
     p.add_argument("--copy-gib", type=float, default=None, help="copy-bandwidth buffer (default 2; tiny 1/16)")
     p.add_argument("--out", default=None, help="JSON file, or a directory for <date>-<card>-speculative.json")
@@ -429,7 +428,7 @@ def part_shapes(args, env, bandwidth: float) -> dict[str, Any]:
 
     drafts = {}
     for fmt_name in args.draft_weights:
-        draft_params = model.quantize_weights(draft_bf16, fmt_name, args.draft_matrices)
+        draft_params = model.quantize_weights(draft_bf16, fmt_name, args.draft_int8_matrices)
         print(f"\n  draft weights {fmt_name}: {weight_bytes(draft_params, draft_cfg) / 1e9:.2f} GB")
         drafts[fmt_name] = draft_costs(params, cfg, draft_params, draft_cfg, args, c_t=c_t, verify=verify,
                                        prefill_t=prefill_t, dec_args=dec_args)

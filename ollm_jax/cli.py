@@ -16,8 +16,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-format", default=None, help="KV cache format (default: the model's dtype)")
     p.add_argument("--dtype", default=None, help="load weights as this dtype (bfloat16, float32)")
-    p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "int4"),
-                   help="bf16 (as loaded), or weight-only int8 / int4 matrices (model.quantize_weights)")
+    p.add_argument("--weights", default="bf16",
+                   help="bf16 (as loaded) or int8 (weight-only int8 matrices, model.quantize_weights)")
 
 
 def _load(args):

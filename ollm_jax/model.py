@@ -53,36 +53,22 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
 _dense_init = nn.initializers.normal(stddev=0.02)
 
 # The axes each matrix contracts with its input; the others are its output channels, in
-# the order they end the product (`_project`). `quantize_weights` stores a matrix as words
-# [N, K/4] (N outputs, K contracted) in the KV cache's packings (`pallas_kernels.gemv`
-# says which) with `<name>_scale` (int8: f32 [N]; int4: fp16 [K/G, N]) and, int4 only,
-# `<name>_zero` (fp16 [K/G, N]).
+# the order they end the product (`_project`). `quantize_weights` stores an int8 matrix
+# as uint32 words [N, K/4] (N outputs, K contracted: the int8 KV cache's packing,
+# `kv_cache.pack_int8`) and a float32 scale per output, `<name>_scale` [N].
 CONTRACTED_AXES = {"w_q": (0,), "w_k": (0,), "w_v": (0,), "w_o": (1, 2), "w_gate": (0,), "w_up": (0,),
                    "w_down": (0,), "lm_head": (0,), "embedding": (1,)}
 SCALE_SUFFIX = "_scale"
-ZERO_SUFFIX = "_zero"
-WEIGHT_FORMATS = ("bf16", "int8", "int4")  # "bf16": as stored (the config's dtype)
-INT4_GROUP = 128  # int4 columns a group, at most (`quantize_weights`)
+WEIGHT_FORMATS = ("bf16", "int8")  # "bf16": as stored (the config's dtype)
 
 
 class Matrix(NamedTuple):
     """A weight matrix as the params hold it: `values` in its declared shape and the
-    config's dtype (scale and zero None), or quantized (`quantize_weights`): words
-    [N, K/4], scale, and zero for int4."""
+    config's dtype (scale None), or int8 (`quantize_weights`): words [N, K/4] and scale [N]."""
 
     values: jax.Array
     scale: jax.Array | None
-    zero: jax.Array | None
     out_shape: tuple[int, ...]  # the output axes' sizes (N = their product)
-
-    @property
-    def format(self) -> str:
-        return "bf16" if self.scale is None else "int8" if self.zero is None else "int4"
-
-    @property
-    def quantized(self) -> tuple[jax.Array, ...]:
-        """(words, scale, zero): `pallas_kernels.gemv`'s arguments."""
-        return self.values, self.scale, self.zero
 
 
 def _packed_shape(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
@@ -93,56 +79,48 @@ def _packed_shape(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], i
 
 
 def _matrix(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> Matrix:
-    """Declares one matrix (`_param`), or reads its quantized words, scale (and zero) if the
-    params hold those."""
+    """Declares one matrix (`_param`), or reads its int8 words and scale if the params hold those."""
     out_shape, n, k = _packed_shape(name, shape)
-    if not module.has_variable("params", name + SCALE_SUFFIX):
-        return Matrix(_param(module, name, shape, axes, _dense_init), None, None, out_shape)
-    words, scale = module.get_variable("params", name), module.get_variable("params", name + SCALE_SUFFIX)
-    if not module.has_variable("params", name + ZERO_SUFFIX):
-        if words.shape != (n, k // 4) or words.dtype != jnp.uint32 or scale.shape != (n,):
-            raise ValueError(f"{module.path}/{name}: int8 params must be words uint32 [{n}, {k // 4}] and scale "
-                             f"[{n}] (`quantize_weights` of a {shape} matrix); got {words.dtype} {words.shape} "
-                             f"and {scale.shape}")
-        return Matrix(words, scale, None, out_shape)
-    zero = module.get_variable("params", name + ZERO_SUFFIX)
-    groups = scale.shape[0] if scale.ndim == 2 else 0
-    if (words.shape != (n, k // 4) or words.dtype != jnp.uint16 or scale.ndim != 2 or scale.shape[1] != n
-            or zero.shape != scale.shape or not groups or k % groups):
-        raise ValueError(f"{module.path}/{name}: int4 params must be words uint16 [{n}, {k // 4}], scale and zero "
-                         f"[K/G, {n}] with K/G dividing {k} (`quantize_weights` of a {shape} matrix); got "
-                         f"{words.dtype} {words.shape}, {scale.shape} and {zero.shape}")
-    return Matrix(words, scale, zero, out_shape)
+    scale_name = name + SCALE_SUFFIX
+    if not module.has_variable("params", scale_name):
+        return Matrix(_param(module, name, shape, axes, _dense_init), None, out_shape)
+    words, scale = module.get_variable("params", name), module.get_variable("params", scale_name)
+    if words.shape != (n, k // 4) or words.dtype != jnp.uint32 or scale.shape != (n,):
+        raise ValueError(f"{module.path}/{name}: int8 params must be words uint32 [{n}, {k // 4}] and scale [{n}] "
+                         f"(`quantize_weights` of a {shape} matrix); got {words.dtype} {words.shape} and "
+                         f"{scale.shape}")
+    return Matrix(words, scale, out_shape)
 
 
 def _project(spec: str, x: jax.Array, w: Matrix, out_dtype=None) -> jax.Array:
     """einsum(spec, x, w) with x's trailing axes contracted and w's output axes ending the
-    result, in `out_dtype` (default x's). A quantized matrix runs as `pallas_kernels.gemv`
-    on a GPU for up to its MAX_ROWS rows of x (decode, verify), which reads the packed
-    bytes; otherwise (prefill, CPU) as its plain-JAX reference."""
+    result, in `out_dtype` (default x's). An int8 matrix runs as `pallas_kernels.gemv_int8`
+    on a GPU for up to its MAX_ROWS rows of x (decode, verify), which reads the int8 bytes;
+    otherwise (prefill, CPU) as its plain-JAX reference, an XLA dot of the widened values."""
     out_dtype = out_dtype or x.dtype
     if w.scale is None:
         return jnp.einsum(spec, x, w.values, preferred_element_type=out_dtype)
-    from pallas_kernels import gemv  # the kernels import this package
+    from pallas_kernels import gemv_int8  # the kernels import this package
 
     k = 4 * w.values.shape[1]
     rows = x.reshape(-1, k)  # [M, K]: the contracted axes end x
-    product = gemv.gemv if _gemv_kernel(x, w) else gemv.gemv_reference
-    y = product(rows, *w.quantized, out_dtype=out_dtype)
+    if _int8_kernel(x, w):
+        y = gemv_int8.gemv_int8(rows, w.values, w.scale, out_dtype=out_dtype)
+    else:
+        y = gemv_int8.gemv_int8_reference(rows, w.values, w.scale, out_dtype=out_dtype)
     contracted = len(spec.split(",")[1].split("->")[0]) - len(w.out_shape)  # w's subscripts not in the output
     return y.reshape(*x.shape[: x.ndim - contracted], *w.out_shape)
 
 
-def _gemv_kernel(x: jax.Array, w: Matrix) -> bool:
-    """Whether x's product with quantized matrix w runs as `pallas_kernels.gemv`: on a GPU,
-    for decode-sized x (its rows, the contracted axes ending x, <= the kernel's MAX_ROWS)
-    and the shapes the kernel takes."""
+def _int8_kernel(x: jax.Array, w: Matrix) -> bool:
+    """Whether x's product with int8 matrix w runs as `pallas_kernels.gemv_int8`: on a GPU,
+    for decode-sized x (its rows, the contracted axes ending x, <= the kernel's MAX_ROWS)."""
     if w.scale is None or not on_gpu():
         return False
-    from pallas_kernels import gemv
+    from pallas_kernels import gemv_int8
 
     k = 4 * w.values.shape[1]
-    return gemv.supports(x.reshape(-1, k), *w.quantized)
+    return gemv_int8.supports(x.reshape(-1, k), w.values)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -271,7 +249,7 @@ def _fused_projection(impl: str, cfg: ModelConfig, x: jax.Array, w_q: Matrix, w_
     under "pallas" only (interpret mode off the GPU), for decode-sized steps (B x T <= its
     MAX_ROWS), not with Qwen3's qk-norm (between the GEMV and RoPE) nor quantized weights. "auto"
     keeps XLA's path, which measured faster on an H200 (see that module)."""
-    if cfg.qk_norm or impl != "pallas" or any(w.format != "bf16" for w in (w_q, w_k, w_v)):
+    if cfg.qk_norm or impl != "pallas" or any(w.scale is not None for w in (w_q, w_k, w_v)):
         return False
     from pallas_kernels import norm_qkv
 
@@ -288,11 +266,12 @@ class MLP(nn.Module):
         w_gate = _matrix(self, "w_gate", (e, f), ("embed", "mlp"))
         w_up = _matrix(self, "w_up", (e, f), ("embed", "mlp"))
         w_down = _matrix(self, "w_down", (f, e), ("mlp", "embed"))
-        if _gemv_kernel(x, w_gate) and w_up.format == w_gate.format:  # both matrices in one launch
-            from pallas_kernels import gemv
+        if _int8_kernel(x, w_gate) and w_up.scale is not None:  # both int8 matrices in one launch
+            from pallas_kernels import gemv_int8
 
             b, t = x.shape[:2]
-            hidden = gemv.gemv_glu(x.reshape(b * t, e), w_gate.quantized, w_up.quantized).reshape(b, t, f)
+            hidden = gemv_int8.gemv_int8_glu(x.reshape(b * t, e), w_gate.values, w_gate.scale, w_up.values,
+                                             w_up.scale).reshape(b, t, f)  # [B, T, F]
         else:
             gate = _project("bte,ef->btf", x, w_gate)  # [B, T, F]
             up = _project("bte,ef->btf", x, w_up)  # [B, T, F]
@@ -322,13 +301,10 @@ class Transformer(nn.Module):
     def __call__(self, tokens, positions, cache: kv_cache.KVCache, logits_index=None):
         cfg = self.cfg
         embedding = _matrix(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
-        x = jnp.take(embedding.values, tokens, axis=0)  # [B, T, E] (quantized: words [B, T, E/4])
-        if embedding.format == "int8":  # a scale per row
+        x = jnp.take(embedding.values, tokens, axis=0)  # [B, T, E] (int8: words [B, T, E/4])
+        if embedding.scale is not None:  # int8 rows, a scale per row
             rows = kv_cache.unpack_int8(x).astype(jnp.float32)  # [B, T, E]
             x = (rows * jnp.take(embedding.scale, tokens)[..., None]).astype(cfg.dtype)
-        elif embedding.format == "int4":  # a scale and zero per group of a row
-            scale, zero = (jnp.moveaxis(jnp.take(a, tokens, axis=1), 0, -1) for a in embedding.quantized[1:])
-            x = kv_cache.dequantize_int4(x, scale, zero, cfg.dtype)  # [B, T, E]
         layers = []
         for i in range(cfg.num_layers):
             x, layer = Block(cfg, name=f"layers_{i}")(x, positions, cache.layers[i], self.attn)
@@ -405,72 +381,37 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     return nn.meta.unbox(_init_boxed(cfg, key))
 
 
-def _as_rows(w: jax.Array, contracted: tuple[int, ...]) -> jax.Array:
-    """A declared matrix as f32 [N outputs, K contracted] (the stored order)."""
-    out_axes = tuple(i for i in range(w.ndim) if i not in contracted)
-    w = jnp.transpose(w, out_axes + contracted).astype(jnp.float32)  # outputs first
-    return w.reshape(math.prod(w.shape[: len(out_axes)]), -1)
-
-
 @functools.partial(jax.jit, static_argnums=1)
 def _quantize_int8(w: jax.Array, contracted: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """w -> (words uint32 [N, K/4], scale f32 [N]): symmetric, absmax / 127 per output."""
-    w = _as_rows(w, contracted)  # [N, K]
+    out_axes = tuple(i for i in range(w.ndim) if i not in contracted)
+    w = jnp.transpose(w, out_axes + contracted).astype(jnp.float32)  # outputs first
+    w = w.reshape(math.prod(w.shape[: len(out_axes)]), -1)  # [N, K]
     amax = jnp.max(jnp.abs(w), axis=1, keepdims=True)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)  # [N, 1]
     values = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
     return kv_cache.pack_int8(values), scale[:, 0]
 
 
-def int4_group(k: int, at_most: int = INT4_GROUP) -> int:
-    """The int4 group for K contracted columns: the largest multiple of 16 (the kernel's
-    step) that divides K/4 (a group in one quarter of the words) and is <= `at_most`;
-    else the largest divisor of K <= `at_most` (the plain-JAX path only)."""
-    fits = [g for g in range(16, at_most + 1, 16) if k % 4 == 0 and (k // 4) % g == 0]
-    return fits[-1] if fits else max(g for g in range(1, min(at_most, k) + 1) if k % g == 0)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize_int4(w: jax.Array, contracted: tuple[int, ...], group: int) -> tuple[jax.Array, ...]:
-    """w -> (words uint16 [N, K/4], scale, zero fp16 [K/G, N]): asymmetric per group of
-    `group` columns (`kv_cache.quantize_int4`, min to max in 15 steps)."""
-    words, scale, zero = kv_cache.quantize_int4(_as_rows(w, contracted), group)
-    return words, scale.T, zero.T
-
-
-def quantize_weights(params: Params, weight_format: str = "int8", matrices=None, group: int = INT4_GROUP) -> Params:
+def quantize_weights(params: Params, weight_format: str = "int8", matrices=None) -> Params:
     """The params with the matrices named in `matrices` (default: all, `CONTRACTED_AXES`)
-    in `weight_format`; norms, biases and the matrices not named stay as they are.
+    in `weight_format`.
 
-    - "int8": symmetric, a float32 scale per output channel: words uint32 [N, K/4]
-      (`<name>`) and scale [N] (`<name>_scale`). gpt-fast's int8 weight-only mode.
-    - "int4": asymmetric per group of G columns of a row (G = `int4_group(K, group)`,
-      128 for Llama's matrices): words uint16 [N, K/4], scale and zero fp16 [K/G, N]
-      (`<name>_scale`, `<name>_zero`); 4.25 bits a weight at G = 128.
-    - "bf16": the params as given.
-
-    `forward` takes the result as it takes the original (activations stay in the config's
-    dtype); at decode on a GPU each quantized matrix runs as `pallas_kernels.gemv` (w_gate
-    and w_up together as its GLU form), reading a half or a quarter of bf16's bytes: what
-    a draft model for speculative decoding wants.
+    "int8": weight-only, symmetric, a float32 scale per output channel, stored as words
+    [N, K/4] (`<name>`) and scale [N] (`<name>_scale`); norms, biases and the matrices not
+    named stay as they are. `forward` takes the result as it takes the original
+    (activations stay in the config's dtype); at decode on a GPU each int8 matrix runs as
+    `pallas_kernels.gemv_int8` (w_gate and w_up together as its GLU form), reading half
+    the bytes of bf16: gpt-fast's int8 weight-only mode, and what a draft model for
+    speculative decoding wants. "bf16" returns the params as given.
     """
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format {weight_format!r}: expected one of {WEIGHT_FORMATS}")
     names = set(CONTRACTED_AXES if matrices is None else matrices)
     if names - set(CONTRACTED_AXES):
         raise ValueError(f"matrices {sorted(names - set(CONTRACTED_AXES))}: expected names of {list(CONTRACTED_AXES)}")
-    if group < 1:
-        raise ValueError(f"group {group}: expected a positive number of columns")
     if weight_format == "bf16":
         return params
-
-    def quantize(name: str, w: jax.Array) -> dict[str, jax.Array]:
-        contracted = CONTRACTED_AXES[name]
-        if weight_format == "int8":
-            return dict(zip((name, name + SCALE_SUFFIX), _quantize_int8(w, contracted)))
-        k = math.prod(w.shape[i] for i in contracted)
-        words, scale, zero = _quantize_int4(w, contracted, int4_group(k, group))
-        return {name: words, name + SCALE_SUFFIX: scale, name + ZERO_SUFFIX: zero}
 
     def walk(tree: Params) -> Params:
         out = {}
@@ -480,7 +421,7 @@ def quantize_weights(params: Params, weight_format: str = "int8", matrices=None,
             elif name in names:
                 if name + SCALE_SUFFIX in tree:
                     raise ValueError(f"{name}: already quantized ({x.dtype} {x.shape} with a {name}{SCALE_SUFFIX})")
-                out.update(quantize(name, x))
+                out[name], out[name + SCALE_SUFFIX] = _quantize_int8(x, CONTRACTED_AXES[name])
             else:
                 out[name] = x
         return out

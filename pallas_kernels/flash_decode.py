@@ -231,7 +231,7 @@ def int8_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False) 
     return _words_to_fp16(words, PTX_INT8_WORDS_TO_BIASED_FP16 if biased else PTX_INT8_WORDS_TO_FP16, "=r,r,r")
 
 
-def int4_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False) -> list[jax.Array]:
+def _int4_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False) -> list[jax.Array]:
     """uint16 words [Ts, C] -> the four quarters' nibbles, fp16 [Ts, C] each, exact:
     n for quarters 0 and 2, 16 n for quarters 1 and 3 (masked in place, no shift); plus
     INT4_BIAS when `biased`."""
@@ -389,7 +389,7 @@ def _flash_decode_kernel(
         dots = [None] * k_n
         for c in range(k_chunks):
             words = plt.load(k_refs[0].at[rows, pl.ds(c * k_chunk, k_chunk)], mask=vis2, other=0)  # [Ts, C] u16
-            for e, n_e in enumerate(int4_words_to_fp16(words, interpret, biased=True)):  # [Ts, C]
+            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret, biased=True)):  # [Ts, C]
                 n = (e * quarter + c * k_chunk) // k_group
                 part = qk(q_parts[e, c], n_e)
                 dots[n] = part if dots[n] is None else dots[n] + part
@@ -431,7 +431,7 @@ def _flash_decode_kernel(
         out = list(acc[: 4 * v_chunks])
         for c in range(v_chunks):
             words = plt.load(v_refs[0].at[rows, pl.ds(c * v_chunk, v_chunk)], mask=vis2, other=0)  # [Ts, C] u16
-            for e, n_e in enumerate(int4_words_to_fp16(words, interpret)):  # [Ts, C]; 16 x for odd e
+            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret)):  # [Ts, C]; 16 x for odd e
                 i = 4 * c + e  # int4_parts order; the 1/16 of odd quarters is applied once, after the loop
                 out[i] += pv(p_scaled[(e * quarter + c * v_chunk) // v_group], n_e)
         return tuple(out) + tuple(z_acc)

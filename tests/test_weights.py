@@ -1,6 +1,6 @@
-"""int8 and int4 weight-only matrices (`model.quantize_weights`): the stored words, scales
-and zeros against exact arithmetic, the forward pass against the same model with the
-dequantized weights, and `pallas_kernels.gemv` (interpret mode) against its reference."""
+"""int8 weight-only matrices (`model.quantize_weights`): the stored words and scales
+against exact arithmetic, the forward pass against the same model with the dequantized
+weights, and `pallas_kernels.gemv_int8` (interpret mode) against its reference."""
 
 import math
 
@@ -11,8 +11,8 @@ import pytest
 
 from ollm_jax import convert, kv_cache, model
 from ollm_jax.config import ModelConfig
-from ollm_jax.model import CONTRACTED_AXES, SCALE_SUFFIX, ZERO_SUFFIX, quantize_weights
-from pallas_kernels import gemv
+from ollm_jax.model import CONTRACTED_AXES, SCALE_SUFFIX, quantize_weights
+from pallas_kernels import gemv_int8
 from tests.conftest import STORIES260K, TINY_HF, require
 from tests.lowering import assert_lowers_to_triton
 
@@ -32,23 +32,22 @@ def _as_rows(w: np.ndarray, name: str) -> np.ndarray:
 
 
 def _pairs(params, qparams, prefix=""):
-    """(path, name, original, words, scale, zero) for every matrix."""
+    """(path, name, original, words, scale) for every matrix."""
     for name, x in params.items():
         if isinstance(x, dict):
             yield from _pairs(x, qparams[name], f"{prefix}{name}/")
         elif name in CONTRACTED_AXES:
-            yield (f"{prefix}{name}", name, x, qparams[name], qparams.get(name + SCALE_SUFFIX),
-                   qparams.get(name + ZERO_SUFFIX))
+            yield f"{prefix}{name}", name, x, qparams[name], qparams.get(name + SCALE_SUFFIX)
 
 
 def _dequantized(params, qparams):
-    """The original params with every quantized matrix replaced by its dequantized values
-    (float32, declared layout): int8 values x scale, int4 nibbles x scale + zero."""
+    """The original params with every int8 matrix replaced by its values x scale (float32,
+    declared layout): what an exact dequantization gives."""
     out = jax.tree.map(lambda x: x, params)
-    for path, name, w, words, scale, zero in _pairs(params, qparams):
+    for path, name, w, words, scale in _pairs(params, qparams):
         if scale is None:  # left unquantized
             continue
-        rows = np.asarray(gemv.dequantize(words, scale, zero))  # [N, K]
+        rows = np.asarray(kv_cache.unpack_int8(words), np.float32) * np.asarray(scale)[:, None]  # [N, K]
         contracted = CONTRACTED_AXES[name]
         out_axes = tuple(i for i in range(w.ndim) if i not in contracted)
         stored = rows.reshape([w.shape[i] for i in out_axes + contracted])
@@ -64,7 +63,7 @@ def test_int8_words_hold_the_nearest_step_per_output_channel(stories):
     qparams = quantize_weights(params, "int8")
     pairs = list(_pairs(params, qparams))
     assert len(pairs) == 1 + 7 * cfg.num_layers + (not cfg.tie_word_embeddings)
-    for path, name, w, words, scale, _ in pairs:
+    for path, name, w, words, scale in pairs:
         rows = _as_rows(w, name)  # [N, K]
         assert words.dtype == jnp.uint32 and words.shape == (rows.shape[0], rows.shape[1] // 4), path
         want_scale = np.max(np.abs(rows), axis=1) / 127  # per output channel
@@ -77,38 +76,10 @@ def test_int8_words_hold_the_nearest_step_per_output_channel(stories):
     assert qparams["final_norm"]["scale"] is params["final_norm"]["scale"]  # norms untouched
 
 
-def test_int4_nibbles_hold_the_nearest_step_of_each_group(stories):
-    cfg, params = stories
-    qparams = quantize_weights(params, "int4")
-    pairs = list(_pairs(params, qparams))
-    assert len(pairs) == 1 + 7 * cfg.num_layers + (not cfg.tie_word_embeddings)
-    for path, name, w, words, scale, zero in pairs:
-        rows = _as_rows(w, name)  # [N, K]
-        n, k = rows.shape
-        group = model.int4_group(k)
-        assert words.dtype == jnp.uint16 and words.shape == (n, k // 4), path
-        assert scale.shape == zero.shape == (k // group, n) and scale.dtype == jnp.float16, path
-        groups = rows.reshape(n, k // group, group)  # [N, K/G, G]
-        lo, hi = groups.min(axis=2).T, groups.max(axis=2).T  # [K/G, N]
-        np.testing.assert_allclose(np.asarray(zero, np.float64), lo, rtol=2**-11, atol=2**-24, err_msg=path)
-        np.testing.assert_allclose(np.asarray(scale, np.float64), (hi - lo) / 15, rtol=2**-10, atol=2**-24,
-                                   err_msg=path)
-        nib = np.asarray(kv_cache.unpack_int4(words), np.float64).reshape(n, k // group, group)
-        step = np.asarray(scale, np.float64).T[:, :, None]  # [N, K/G, 1]
-        base = np.asarray(zero, np.float64).T[:, :, None]
-        error = np.abs(nib * step + base - groups)
-        slack = np.abs(lo).T[:, :, None] * 2**-10 + step * 2**-9  # fp16 zero and scale rounding
-        assert np.all(error <= step / 2 + slack), (path, float(np.max(error / step)))
-        assert np.all(nib.min(axis=2) == 0) and np.all(nib.max(axis=2) >= 14), path  # min to 0, max to 15
-    assert model.int4_group(2048) == 128 and model.int4_group(576) == 48 and model.int4_group(172) == 86
-
-
-@pytest.mark.parametrize("weight_format", ["int8", "int4"])
 @pytest.mark.parametrize("which", ["tiny", "stories"])  # untied lm_head; tied embedding (stories260K)
-def test_forward_with_quantized_weights_equals_forward_with_their_dequantized_values(weight_format, which, tiny,
-                                                                                     stories):
+def test_forward_with_int8_weights_equals_forward_with_their_dequantized_values(which, tiny, stories):
     cfg, params = {"tiny": tiny, "stories": stories}[which]
-    qparams = quantize_weights(params, weight_format)
+    qparams = quantize_weights(params, "int8")
     tokens = jax.random.randint(jax.random.key(1), (2, 7), 3, cfg.vocab_size, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32), (2, 7))
 
@@ -121,29 +92,22 @@ def test_forward_with_quantized_weights_equals_forward_with_their_dequantized_va
     got, want = run(qparams), run(_dequantized(params, qparams))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * np.abs(w).max())
-    if weight_format == "int4" and which == "tiny":
-        return  # 16 levels a group of the x20 random init: far from the float model, by design
     exact = run(params)  # ...and near the float32 model itself (a wrong scale axis is far off)
     for g, w in zip(got, exact):
-        assert np.abs(g - w).max() < (0.05 if weight_format == "int8" else 0.2) * np.abs(w).max()
+        assert np.abs(g - w).max() < 0.05 * np.abs(w).max()
 
 
 KERNEL_SIZED_HF = dict(TINY_HF, hidden_size=64, intermediate_size=128, head_dim=16)  # every K/4 and N % 16 == 0
 
 
-@pytest.mark.parametrize("weight_format", ["int8", "int4"])
-def test_forward_with_some_quantized_matrices_at_kernel_sized_shapes(weight_format):
-    """Only the MLP and the LM head quantized, at shapes gemv takes (on a GPU this runs the
-    kernels, gemv_glu included; on the CPU their reference)."""
+def test_forward_with_some_int8_matrices_at_kernel_sized_shapes():
+    """Only the MLP and the LM head in int8, at shapes gemv_int8 takes (on a GPU this runs
+    the kernels, gemv_int8_glu included; on the CPU their reference)."""
     cfg = ModelConfig.from_hf(KERNEL_SIZED_HF, dtype="float32")
     params = jax.tree.map(lambda x: x * 20 if x.ndim > 1 else x, model.init_params(cfg, jax.random.key(3)))
-    qparams = quantize_weights(params, weight_format, matrices=("w_gate", "w_up", "w_down", "lm_head"))
+    qparams = quantize_weights(params, "int8", matrices=("w_gate", "w_up", "w_down", "lm_head"))
     assert qparams["layers_0"]["attn"]["w_q"] is params["layers_0"]["attn"]["w_q"]
-    assert qparams["lm_head"].dtype == gemv.WORD_DTYPES[weight_format]
-    assert "embedding" + SCALE_SUFFIX not in qparams
-    x = jnp.zeros((1, cfg.intermediate_size), jnp.float32)
-    assert gemv.supports(x, *[qparams["layers_0"]["mlp"][f"w_down{s}"] for s in ("", SCALE_SUFFIX)],
-                         qparams["layers_0"]["mlp"].get("w_down" + ZERO_SUFFIX))
+    assert qparams["lm_head"].dtype == jnp.uint32 and "embedding" + SCALE_SUFFIX not in qparams
     tokens = jax.random.randint(jax.random.key(4), (3, 5), 3, cfg.vocab_size, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (3, 5))
 
@@ -172,13 +136,6 @@ def test_bad_formats_mismatched_and_double_quantized_params_are_refused(tiny):
     tokens = jnp.zeros((1, 1), jnp.int32)
     with pytest.raises(ValueError, match=r"w_up: int8 params must be words uint32 \[64, 8\]"):
         model.forward(qparams, cfg, tokens, tokens, kv_cache.create(cfg, 1, 4))
-    with pytest.raises(ValueError, match="group 0"):
-        quantize_weights(params, "int4", group=0)
-    q4 = quantize_weights(params, "int4")
-    mlp = q4["layers_1"]["mlp"]
-    mlp["w_down" + ZERO_SUFFIX] = mlp["w_down" + ZERO_SUFFIX][:, :-1]  # a zero per group of 63 rows, not 64
-    with pytest.raises(ValueError, match=r"w_down: int4 params must be words uint16 \[32, 16\], scale and zero"):
-        model.forward(q4, cfg, tokens, tokens, kv_cache.create(cfg, 1, 4))
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -195,130 +152,56 @@ KERNEL_CASES = [  # M, N, K, knobs
 
 @pytest.mark.parametrize("m, n, k, knobs", KERNEL_CASES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_gemv_matches_its_reference(m, n, k, knobs, dtype):
+def test_gemv_int8_matches_its_reference(m, n, k, knobs, dtype):
     ks = jax.random.split(jax.random.key(m * n + k), 3)
     x = (4 * jax.random.normal(ks[0], (m, k))).astype(dtype)
     words = kv_cache.pack_int8(jax.random.randint(ks[1], (n, k), -127, 128).astype(jnp.int8))
     scale = jax.random.uniform(ks[2], (n,), minval=1e-3, maxval=1e-2)
-    got = gemv.gemv(x, words, scale, interpret=True, **knobs)
-    want = gemv.gemv_reference(x, words, scale)
+    got = gemv_int8.gemv_int8(x, words, scale, interpret=True, **knobs)
+    want = gemv_int8.gemv_int8_reference(x, words, scale)
     assert got.shape == (m, n) and got.dtype == dtype
     # fp16 x (exact for these bf16 values; f32 rounded to 11 bits) and f32 accumulation
     tol = 1e-2 if dtype == jnp.bfloat16 else 2e-3
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=tol, atol=tol * float(jnp.max(jnp.abs(want.astype(jnp.float32)))))
-    logits = gemv.gemv(x, words, scale, out_dtype=jnp.float32, interpret=True, **knobs)
+    logits = gemv_int8.gemv_int8(x, words, scale, out_dtype=jnp.float32, interpret=True, **knobs)
     assert logits.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("m, n, k, knobs", [(1, 64, 256, {}), (1, 32, 128, {"block_kw": 16}),
                                             (7, 128, 512, {"block_n": 32, "block_kw": 32}),
                                             (2, 32, 128, {"transposed": 0})])
-def test_gemv_glu_matches_its_reference(m, n, k, knobs):
+def test_gemv_int8_glu_matches_its_reference(m, n, k, knobs):
     ks = jax.random.split(jax.random.key(m + n + k), 5)
     x = (2 * jax.random.normal(ks[0], (m, k))).astype(jnp.bfloat16)
     mats = []
     for kw_, ks_ in ((ks[1], ks[2]), (ks[3], ks[4])):
         mats += [kv_cache.pack_int8(jax.random.randint(kw_, (n, k), -127, 128).astype(jnp.int8)),
                  jax.random.uniform(ks_, (n,), minval=1e-3, maxval=5e-3)]
-    got = gemv.gemv_glu(x, mats[:2], mats[2:], interpret=True, **knobs)
-    want = gemv.gemv_glu_reference(x, mats[:2], mats[2:])
+    got = gemv_int8.gemv_int8_glu(x, *mats, interpret=True, **knobs)
+    want = gemv_int8.gemv_int8_glu_reference(x, *mats)
     assert got.shape == (m, n) and got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(want.astype(jnp.float32)))))
     with pytest.raises(ValueError, match="one split with glu"):
-        gemv.gemv_glu(x, mats[:2], mats[2:], num_splits=2, block_kw=16, interpret=True)
+        gemv_int8.gemv_int8_glu(x, *mats, num_splits=2, block_kw=16, interpret=True)
 
 
-def test_gemv_refuses_bad_shapes():
+def test_gemv_int8_refuses_bad_shapes():
     x = jnp.zeros((17, 64), jnp.bfloat16)
     words = jnp.zeros((32, 16), jnp.uint32)
     with pytest.raises(ValueError, match=r"x.shape=\(17, 64\)"):
-        gemv.gemv(x, words, jnp.ones((32,)), interpret=True)
+        gemv_int8.gemv_int8(x, words, jnp.ones((32,)), interpret=True)
     with pytest.raises(ValueError, match="block_n must divide"):
-        gemv.gemv(x[:4], words, jnp.ones((32,)), block_n=48, interpret=True)
+        gemv_int8.gemv_int8(x[:4], words, jnp.ones((32,)), block_n=48, interpret=True)
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 8192, 2048), (5, 8192, 2048), (1, 2048, 8192), (5, 2048, 8192),
                                      (8, 128256, 2048), (1, 128256, 2048), (1, 512, 2048)])
-def test_gemv_lowers_for_cuda_at_llama_1b_shapes(m, n, k):
+def test_gemv_int8_lowers_for_cuda_at_llama_1b_shapes(m, n, k):
     """The default configuration compiles to Triton IR for the shapes the 1B draft runs."""
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k // 4), jnp.uint32),
             jax.ShapeDtypeStruct((n,), jnp.float32))
-    assert_lowers_to_triton(gemv.gemv, *args)
+    assert_lowers_to_triton(gemv_int8.gemv_int8, *args)
     if n == 8192:  # the MLP's gate and up in one launch
-        assert_lowers_to_triton(lambda x, w, s: gemv.gemv_glu(x, (w, s), (w, s)), *args)
-
-
-def _int4_matrix(key, n: int, k: int, group: int):
-    """(words, scale, zero) of a random [N, K] matrix in int4 with groups of `group`."""
-    w = 0.05 * jax.random.normal(key, (n, k))
-    words, scale, zero = kv_cache.quantize_int4(w, group)
-    return words, scale.T, zero.T
-
-
-INT4_CASES = [  # M, N, K, G, knobs
-    (1, 64, 256, 64, {}),
-    (1, 64, 512, 32, {"num_splits": 2, "block_kw": 16}),  # two steps a group
-    (5, 48, 512, 128, {"num_splits": 2, "block_kw": 32}),  # a group spans both splits
-    (3, 32, 256, 64, {"transposed": 0}),
-    (16, 256, 2048, 128, {"block_n": 32, "num_splits": 4}),
-    (8, 1024, 1024, 128, {}),  # default splits: 64 programs x 8
-]
-
-
-@pytest.mark.parametrize("m, n, k, group, knobs", INT4_CASES)
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_gemv_int4_matches_its_reference(m, n, k, group, knobs, dtype):
-    ks = jax.random.split(jax.random.key(m * n + k + group), 2)
-    x = (4 * jax.random.normal(ks[0], (m, k))).astype(dtype)
-    mat = _int4_matrix(ks[1], n, k, group)
-    got = gemv.gemv(x, *mat, interpret=True, **knobs)
-    want = gemv.gemv_reference(x, *mat, out_dtype=jnp.float32)
-    assert got.shape == (m, n) and got.dtype == dtype
-    tol = 1e-2 if dtype == jnp.bfloat16 else 2e-3  # fp16 x, f32 accumulation, the output's rounding
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=tol,
-                               atol=tol * float(jnp.max(jnp.abs(want))))
-    # ...and the reference is the product with the dequantized matrix, in exact arithmetic
-    exact = np.asarray(x, np.float64) @ np.asarray(gemv.dequantize(*mat), np.float64).T
-    np.testing.assert_allclose(np.asarray(want), exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
-
-
-@pytest.mark.parametrize("m, n, k, group, knobs", [(1, 64, 256, 64, {}), (7, 128, 512, 128, {"block_n": 32}),
-                                                   (2, 32, 256, 32, {"transposed": 0, "block_kw": 16})])
-def test_gemv_int4_glu_matches_its_reference(m, n, k, group, knobs):
-    ks = jax.random.split(jax.random.key(m + n + k), 3)
-    x = (2 * jax.random.normal(ks[0], (m, k))).astype(jnp.bfloat16)
-    gate, up = _int4_matrix(ks[1], n, k, group), _int4_matrix(ks[2], n, k, group)
-    got = gemv.gemv_glu(x, gate, up, interpret=True, **knobs)
-    want = gemv.gemv_glu_reference(x, gate, up)
-    assert got.shape == (m, n) and got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(want.astype(jnp.float32)))))
-
-
-def test_gemv_int4_refuses_bad_groups_and_tiles():
-    x = jnp.zeros((2, 256), jnp.bfloat16)
-    words, scale, zero = _int4_matrix(jax.random.key(0), 32, 256, 64)
-    with pytest.raises(ValueError, match="block_kw the group 64"):
-        gemv.gemv(x, words, scale, zero, block_kw=64 * 2, num_splits=1, interpret=True)
-    w24, s24, z24 = _int4_matrix(jax.random.key(0), 32, 384, 48)  # K/G = 8 groups, G = 48
-    assert gemv.supports(jnp.zeros((1, 384)), w24, s24, z24)
-    w3, s3, z3 = _int4_matrix(jax.random.key(0), 32, 192, 64)  # K/G = 3 groups: not a power of two
-    assert not gemv.supports(jnp.zeros((1, 192)), w3, s3, z3)
-    with pytest.raises(ValueError, match=r"gemv \(int4\).*scale.shape=\(3, 32\)"):
-        gemv.gemv(jnp.zeros((1, 192)), w3, s3, z3, interpret=True)
-    with pytest.raises(ValueError, match=r"scale.shape=\(4, 31\)"):
-        gemv.gemv(x, words, scale[:, :31], zero[:, :31], interpret=True)
-
-
-@pytest.mark.parametrize("m, n, k", [(1, 8192, 2048), (5, 8192, 2048), (1, 2048, 8192), (1, 128256, 2048),
-                                     (1, 512, 2048)])
-def test_gemv_int4_lowers_for_cuda_at_llama_1b_shapes(m, n, k):
-    """The default configuration compiles to Triton IR for the shapes the 1B draft runs."""
-    groups = k // 128
-    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k // 4), jnp.uint16),
-            jax.ShapeDtypeStruct((groups, n), jnp.float16), jax.ShapeDtypeStruct((groups, n), jnp.float16))
-    assert_lowers_to_triton(gemv.gemv, *args)
-    if n == 8192:  # the MLP's gate and up in one launch
-        assert_lowers_to_triton(lambda x, w, s, z: gemv.gemv_glu(x, (w, s, z), (w, s, z)), *args)
+        assert_lowers_to_triton(gemv_int8.gemv_int8_glu, *args, *args[1:])

@@ -345,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="tokens per forward call")
     p.add_argument("--dtype", default=None, help="load weights as this dtype (default: as stored)")
     p.add_argument("--weights", default="bf16", choices=WEIGHT_FORMATS,
-                   help="int8 / int4: every matrix weight-only quantized (`model.quantize_weights`); bf16: as loaded")
+                   help="int8: every matrix in int8 weight-only (`model.quantize_weights`); bf16: as loaded")
     p.add_argument("--json", default=None, help="also write results under key 'perplexity' of this JSON file")
     args = p.parse_args(argv)
 
