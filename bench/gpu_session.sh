@@ -19,6 +19,7 @@
 #   bash bench/gpu_session.sh m    gemv_int8 sweep: rows a program (warps following), splits, words a step
 #   bash bench/gpu_session.sh n    gemv_int8 defaults and GLU, the 1B step with all or the MLP/head matrices in int8
 #   bash bench/gpu_session.sh p    gemv_int8 at 1-4 pipeline stages (its fixed cost per call)
+#   bash bench/gpu_session.sh q    speculative cost model, int8 draft, its steps unrolled (fixed draft length)
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -117,6 +118,13 @@ case "${1:-}" in
   p)
     # Where gemv_int8's ~4 us fixed cost comes from: the software pipeline's depth.
     step 150 gemv_stages python3 -m pallas_kernels.gemv_int8 --rows 1 --shapes q "gate|up" down --num-stages 1,2,3,4
+    ;;
+  q)
+    # A fixed draft length unrolls the draft's steps in the round (no while-loop round trip
+    # per step); one compilation per g, so fewer draft lengths and verify widths.
+    step 580 spec_shapes_unrolled python3 bench/speculative.py --part shapes --fit-loop unrolled --fit-gammas 2 3 4 \
+      --verify-widths 3 4 5 --draft-weights int8 --draft-int8-matrices w_gate w_up w_down embedding lm_head \
+      --out "$OUT/"
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \

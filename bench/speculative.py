@@ -24,13 +24,17 @@ drafts: `model.quantize_weights`), each costed on its own against the same targe
   verify(w)  ms of one target forward over w tokens at positions p .. p+w-1 with the
              cache, argmax over all w logits, in a `lax.fori_loop` of `--verify-steps`
              steps (p advancing by one per step, as in decode); w = 1 .. 9.
-  in-loop    `speculative.run` with the 1B draft, G = 8, the draft length fixed at
-             g = 1 .. 8 (`initial_gamma`, no recompilation), random weights (nothing is
-             accepted, so every round drafts g and emits one token): time per round
-             = (call time - both prefills) / rounds, fitted as V + g * D. D is the
-             draft's cost per token inside the loop; O = V - verify(9) the loop's own
-             per-round overhead (acceptance, bookkeeping, roll-back, the draft's 2-token
-             first step).
+  in-loop    `speculative.run` with the 1B draft at a fixed draft length g in
+             `--fit-gammas`, random weights (nothing is accepted, so every round drafts
+             g and emits one token): time per round = (call time - both prefills) /
+             rounds. `--fit-loop unrolled` (default): G = g, one compilation per g, the
+             g draft steps unrolled in the round (what a fixed draft length runs);
+             round - verify(g+1) is fitted as O + g * D. `traced`: G = max g, one
+             compilation, g a traced `initial_gamma` (the draft steps a while loop, as
+             with an adaptive draft length); round fitted as V + g * D, O = V -
+             verify(G+1). D is the draft's cost per token inside the loop; O the loop's
+             own per-round overhead (acceptance, bookkeeping, roll-back, the draft's
+             2-token first step).
   predicted  speedup(a, g) = (1 - a^(g+1)) / ((1 - a) * (g * D + verify(g+1) + O) / c_t)
              at acceptance a = 0.6, 0.7, 0.8, g = 1 .. 8 (Leviathan et al. eq. with
              measured costs, the loop's overhead included).
@@ -118,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--verify-widths", nargs="+", type=int, default=list(range(1, 10)))
     p.add_argument("--verify-steps", type=int, default=64)
     p.add_argument("--self-gamma", type=int, default=4)
+    p.add_argument("--fit-loop", default="unrolled", choices=("unrolled", "traced"),
+                   help="shapes: the draft steps unrolled (G = g, fixed) or in a while loop (G = max g)")
     p.add_argument("--draft-weights", nargs="+", default=["bf16", "int8"], choices=list(model.WEIGHT_FORMATS),
                    help="shapes: the draft's weight formats, each costed against the bf16 target "
                         "(`model.quantize_weights`); the first one's loop overhead serves the self-draft")
@@ -136,8 +142,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.fit_gammas, args.verify_widths = [1, 2, 4], [1, 2, 3, 5]
         args.self_gamma = 2
     args.copy_gib = args.copy_gib or (1 / 16 if args.tiny else 2.0)
-    if args.self_gamma + 1 not in args.verify_widths or max(args.fit_gammas) + 1 not in args.verify_widths:
-        p.error(f"--verify-widths must include --self-gamma + 1 and max(--fit-gammas) + 1; got {args.verify_widths}")
+    widths = {g + 1 for g in args.fit_gammas} if args.fit_loop == "unrolled" else {max(args.fit_gammas) + 1}
+    if args.self_gamma + 1 not in args.verify_widths or not widths <= set(args.verify_widths):
+        p.error(f"--verify-widths must include --self-gamma + 1 and {sorted(widths)} (--fit-gammas, --fit-loop "
+                f"{args.fit_loop}); got {args.verify_widths}")
     return args
 
 
@@ -340,15 +348,19 @@ def verify_ms(params, cfg: ModelConfig, width: int, args) -> float:
 
 
 def spec_round_ms(params, cfg, draft_params, draft_cfg, args, *, num_draft: int, gammas: list[int], rule="exact",
-                  prefill_s: float) -> list[dict[str, Any]]:
-    """Per-round time of `speculative.run` at fixed draft lengths (one compilation)."""
+                  prefill_s: float, unrolled: bool = False) -> list[dict[str, Any]]:
+    """Per-round time of `speculative.run` at fixed draft lengths: traced ones (one
+    compilation), or `unrolled` (gammas == [num_draft]: the draft steps unrolled)."""
+    if unrolled and list(gammas) != [num_draft]:
+        raise ValueError(f"unrolled draft steps run g = num_draft = {num_draft} only, not {gammas}")
     prompt, lengths, key = random_prompt(cfg, args.prompt_len, args.seed)
     n = args.shape_new_tokens
     out = []
     for g in gammas:
         fn = lambda: jax.block_until_ready(speculative.run(  # noqa: E731
-            params, cfg, draft_params, draft_cfg, prompt, lengths, key, jnp.int32(g), num_draft_tokens=num_draft,
-            max_new_tokens=n, sampling=GREEDY, eos_ids=(), adaptive_gamma=False, rule=rule))
+            params, cfg, draft_params, draft_cfg, prompt, lengths, key, None if unrolled else jnp.int32(g),
+            num_draft_tokens=num_draft, max_new_tokens=n, sampling=GREEDY, eos_ids=(), adaptive_gamma=False,
+            rule=rule))
         first, seconds, state = time_median(fn, args.reps)
         stats = jax.device_get(state.stats)
         rounds = int(stats.target_steps[0])
@@ -378,18 +390,24 @@ def draft_costs(params, cfg, draft_params, draft_cfg, args, *, c_t: float, verif
     c_d = bench_ours(draft_params, draft_cfg, dec_args, 1)["ms_per_step"]
     prefill_d = prefill_seconds(draft_params, draft_cfg, args)
     big_g = max(args.fit_gammas)
-    loop = spec_round_ms(params, cfg, draft_params, draft_cfg, args, num_draft=big_g, gammas=args.fit_gammas,
-                         prefill_s=prefill_t + prefill_d)
+    if args.fit_loop == "unrolled":  # one compilation per g; the verify width follows g
+        loop = [spec_round_ms(params, cfg, draft_params, draft_cfg, args, num_draft=g, gammas=[g], unrolled=True,
+                              prefill_s=prefill_t + prefill_d)[0] for g in args.fit_gammas]
+        width = {r["gamma"]: r["gamma"] + 1 for r in loop}
+    else:
+        loop = spec_round_ms(params, cfg, draft_params, draft_cfg, args, num_draft=big_g, gammas=args.fit_gammas,
+                             prefill_s=prefill_t + prefill_d)
+        width = {r["gamma"]: big_g + 1 for r in loop}
     gs = np.array([r["gamma"] for r in loop], np.float64)
-    ms = np.array([r["round_ms"] for r in loop], np.float64)
-    d, v = np.polyfit(gs, ms, 1)  # round_ms = v + g * d
-    overhead = v - verify[big_g + 1]
+    ms = np.array([r["round_ms"] - verify[width[r["gamma"]]] for r in loop], np.float64)
+    d, overhead = np.polyfit(gs, ms, 1)  # round_ms - verify(its width) = O + g * D
     print(f"  plain decode: draft {c_d:.3f} ms/step (c_d / c_t = {c_d / c_t:.3f})")
     for r in loop:
-        print(f"  in-loop g={r['gamma']}: {r['round_ms']:.3f} ms/round ({r['rounds']} rounds, "
-              f"{r['accepted']}/{r['drafted']} accepted)  fit {v + d * r['gamma']:.3f}")
-    print(f"  fit: round = {v:.3f} + g * {d:.3f} ms; draft in loop D = {d:.3f} ms = {d / c_d:.3f} x its plain "
-          f"step; overhead O = V - verify({big_g + 1}) = {overhead:.3f} ms = {overhead / c_t:.3f} c_t")
+        fit = verify[width[r["gamma"]]] + overhead + d * r["gamma"]
+        print(f"  in-loop g={r['gamma']} ({args.fit_loop}): {r['round_ms']:.3f} ms/round ({r['rounds']} rounds, "
+              f"{r['accepted']}/{r['drafted']} accepted)  fit {fit:.3f}")
+    print(f"  fit: round = verify(width) + O + g * D: draft in loop D = {d:.3f} ms = {d / c_d:.3f} x its plain "
+          f"step; overhead O = {overhead:.3f} ms = {overhead / c_t:.3f} c_t")
     table = {}
     for a in ACCEPTANCE_RATES:
         table[a] = {g: predicted_speedup(a, g, c_t, d, verify[g + 1], overhead)
@@ -398,7 +416,7 @@ def draft_costs(params, cfg, draft_params, draft_cfg, args, *, c_t: float, verif
         print(f"  predicted a={a}: " + "  ".join(f"g{g} {s:.2f}" for g, s in table[a].items())
               + f"   best g={best}: {table[a][best]:.2f}x")
     return {"weight_bytes": weight_bytes(draft_params, draft_cfg), "c_d_ms": c_d, "prefill_s": prefill_d,
-            "in_loop": loop, "fit": {"V_ms": v, "D_ms": d, "overhead_ms": overhead}, "predicted": table}
+            "in_loop": loop, "fit": {"loop": args.fit_loop, "D_ms": d, "overhead_ms": overhead}, "predicted": table}
 
 
 def part_shapes(args, env, bandwidth: float) -> dict[str, Any]:
@@ -441,7 +459,7 @@ def part_shapes(args, env, bandwidth: float) -> dict[str, Any]:
     self_runs = {}
     for rule in ("always", "exact"):
         r = spec_round_ms(params, cfg, params, cfg, args, num_draft=g, gammas=[g], rule=rule,
-                          prefill_s=prefill_self)[0]
+                          prefill_s=prefill_self, unrolled=args.fit_loop == "unrolled")[0]
         tokens_ms = (r["new_tokens"] - 1) / ((r["call_s"] - prefill_self) * 1e3)
         r["measured_speedup"] = tokens_ms * c_t
         r["tokens_per_round"] = (r["new_tokens"] - 1) / r["rounds"]
@@ -512,9 +530,9 @@ def markdown(result: dict[str, Any]) -> str:
         for fmt_name, dr in sh["drafts"].items():
             fit = dr["fit"]
             lines += ["", f"### Draft weights {fmt_name} ({dr['weight_bytes'] / 1e9:.2f} GB)", "",
-                      f"Plain decode: draft c_d = {dr['c_d_ms']:.3f} ms/step. In the loop: round = "
-                      f"{fit['V_ms']:.3f} + g x {fit['D_ms']:.3f} ms, so D = {fit['D_ms'] / dr['c_d_ms']:.3f} c_d; "
-                      f"loop overhead O = {fit['overhead_ms']:.3f} ms.", "",
+                      f"Plain decode: draft c_d = {dr['c_d_ms']:.3f} ms/step. In the loop (draft steps "
+                      f"{fit['loop']}): round = verify(width) + O + g x D with D = {fit['D_ms']:.3f} ms = "
+                      f"{fit['D_ms'] / dr['c_d_ms']:.3f} c_d and loop overhead O = {fit['overhead_ms']:.3f} ms.", "",
                       "Predicted speedup (1 - a^(g+1)) / ((1 - a)(g D + verify(g+1) + O) / c_t):", ""]
             gs = list(next(iter(dr["predicted"].values())))
             lines.append(common.format_table(["a"] + [f"g={g}" for g in gs],
