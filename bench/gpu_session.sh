@@ -20,6 +20,7 @@
 #   bash bench/gpu_session.sh n    gemv_int8 defaults and GLU, the 1B step with all or the MLP/head matrices in int8
 #   bash bench/gpu_session.sh p    gemv_int8 at 1-4 pipeline stages (its fixed cost per call)
 #   bash bench/gpu_session.sh q    speculative cost model, int8 draft, its steps unrolled (fixed draft length)
+#   bash bench/gpu_session.sh r    flash_decode with several queries (tests compiled), then part q's cost model
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -124,6 +125,14 @@ case "${1:-}" in
     # per step); one compilation per g, so fewer draft lengths and verify widths.
     step 580 spec_shapes_unrolled python3 bench/speculative.py --part shapes --fit-loop unrolled --fit-gammas 2 3 4 \
       --verify-widths 3 4 5 --draft-weights int8 --draft-int8-matrices w_gate w_up w_down embedding lm_head \
+      --out "$OUT/"
+    ;;
+  r)
+    # The verify pass (T = g + 1) and the draft's two-token first step run flash_decode
+    # with several queries a row instead of the prefill path.
+    step 100 fd_several_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py -k "several and not interpret"
+    step 480 spec_shapes_unrolled python3 bench/speculative.py --part shapes --fit-loop unrolled --fit-gammas 3 4 \
+      --verify-widths 4 5 --draft-weights int8 --draft-int8-matrices w_gate w_up w_down embedding lm_head \
       --out "$OUT/"
     ;;
   b)

@@ -3,7 +3,8 @@
 `attend` is what model code calls. It chooses an implementation for the step, the cache
 format and the hardware:
 
-  - decode (one query token per sequence): the split-K Pallas flash-decode kernel
+  - decode (one query token per sequence, or a few: T G <= 32 with T a speculative
+    verify's width): the split-K Pallas flash-decode kernel
     (`pallas_kernels.flash_decode`), which reads bf16, int8 or int4 K/V directly, on a
     GPU; the plain-JAX reference on the CPU (or the kernel in interpret mode with
     impl="pallas", which is how CI tests it);
@@ -66,15 +67,14 @@ def attend(
         pattern = patterns.SlidingWindow(sliding_window)
     contiguous = pattern is None or pattern.contiguous
     window = None if pattern is None else pattern.contiguous_window
-    if q.shape[1] == 1 and contiguous and (impl == "pallas" or (impl == "auto" and on_gpu())):
+    if contiguous and (impl == "pallas" or (impl == "auto" and on_gpu())):
         from pallas_kernels import flash_decode  # the kernels import this package
 
-        if flash_decode.supports(q[:, 0], layer.k, layer.v):
-            out = flash_decode.flash_decode(
-                q[:, 0], layer.k, layer.v, q_positions[:, 0], sliding_window=window, interpret=not on_gpu()
-            )  # [B, H, D]
-            return out[:, None]
-        if impl == "pallas":
+        if flash_decode.supports(q, layer.k, layer.v):  # one query a row, or a few (speculative verify)
+            return flash_decode.flash_decode(
+                q, layer.k, layer.v, q_positions, sliding_window=window, interpret=not on_gpu()
+            )  # [B, T, H, D]
+        if impl == "pallas" and q.shape[1] == 1:
             warnings.warn(f"flash_decode does not take this cache ({type(layer.k).__name__}/"
                           f"{type(layer.v).__name__} stores, q {q.dtype}); using the reference")
     k, v = kv_cache.read(layer, q.dtype)

@@ -1,6 +1,8 @@
 """Split-K flash-decode attention over a dense, int8 or int4 KV cache (Pallas, Triton).
 
-One query token per sequence attends over its sequence's cache slots. K and V are read
+One query token per sequence attends over its sequence's cache slots (or a few, T <=
+MAX_QUERY_ROWS / G, at consecutive positions: a speculative verify or a draft's catch-up
+step; they are more rows of the same tiles, each with its own causal limit). K and V are read
 in their storage format (`ollm_jax.kv_cache` stores: Dense, Int8, Int4, possibly a
 different one for K and for V) and dequantized in registers:
 
@@ -22,15 +24,16 @@ different one for K and for V) and dequantized in registers:
   data run in fp16; dense K/V dot in q's dtype.
 
 Grid (B, K, P): one program per sequence, KV head and split. All G query heads of a KV
-head share one read of each K/V tile (their rows are padded to a dot-friendly Gp >= 16).
+head (T G rows for T queries, row r the query r // G) share one read of each K/V tile
+(their rows are padded to a dot-friendly Gp >= 16).
 A program walks only the key blocks its sequence can see (a loop bound computed from
 the query position), so an 8k context in a 128k cache reads 8k slots; the visible
 blocks are dealt out evenly to the P splits. `combine_splits` merges the P partial
 softmaxes. With `transposed`, a program computes scores as K . q^T, [Ts, Gp] with Gp >= 8
 (the tokens on the mma's M, the query heads on N), and its accumulators as V^T . p.
 
-Dimensions: B batch, S cache slots (slot s holds position s), H query heads, K KV heads,
-G = H // K query heads per KV head, Gp G padded to a power of two >= 16 (>= 8 transposed), D head_dim,
+Dimensions: B batch, T queries per sequence, S cache slots (slot s holds position s), H
+query heads, K KV heads, G = H // K query heads per KV head, Gp T G padded to a power of two >= 16 (>= 8 transposed), D head_dim,
 N = D / group int4 quantization groups, P splits of the visible key range, Ts keys per
 block (`block_s`), Q = D/4 channels per quarter (the int8 and int4 words per token),
 C = min(group, Q) int4 channels per unpacked chunk.
@@ -62,6 +65,7 @@ PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 6}
 MIN_BLOCKS_PER_SPLIT = 2  # at the longest context, each split walks at least this many blocks
 Q_DTYPES = (jnp.bfloat16, jnp.float16)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: empty splits and rows stay NaN-free
+MAX_QUERY_ROWS = 32  # T x G at most: the rows of one program's q tile and accumulators
 _LOG2E = 1.4426950408889634  # scores are kept in log2 units, so the softmax is exp2
 _NUM_ARRAYS = {"dense": 1, "int8": 2, "int4": 3}  # arrays per store, in jax.tree.leaves order
 
@@ -243,12 +247,13 @@ def _int4_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False)
 
 
 def _flash_decode_kernel(
-    pos_ref,  # [1] int32: this sequence's query position (-1: padding)
-    q_ref,  # [Gp, D] rows >= G are outside q (masked)
+    pos_ref,  # [1] int32: this sequence's (first) query position (-1: padding)
+    q_ref,  # [Gp, D] rows >= T G are outside q (masked)
     *refs,  # K store refs, V store refs (each [S, ...]), then o_ref [Gp, D] f32, m_ref [Gp], l_ref [Gp]
     k_kind: str,
     v_kind: str,
     num_heads_per_kv: int,  # G
+    num_queries: int,  # T
     max_len: int,  # S
     block_s: int,  # Ts
     num_splits: int,  # P
@@ -293,15 +298,16 @@ def _flash_decode_kernel(
     def acc_zeros(width):
         return jnp.zeros((width, gp) if transposed else (gp, width), f32)
 
-    # Rows >= G of the q block lie outside q: masked to zero on load and on store.
-    row_mask = None if gp == num_heads_per_kv else (jnp.arange(gp) < num_heads_per_kv)[:, None]  # [Gp, 1]
+    # Rows >= T G of the q block lie outside q: masked to zero on load and on store.
+    rows_used = num_queries * num_heads_per_kv
+    row_mask = None if gp == rows_used else (jnp.arange(gp) < rows_used)[:, None]  # [Gp, 1]
 
     def load_q(cols):
         return plt.load(q_ref.at[:, cols], mask=row_mask, other=0) if row_mask is not None else q_ref[:, cols]
 
-    # The visible slots [lo, hi) and the blocks this split walks.
+    # The visible slots [lo, hi) (of any query) and the blocks this split walks.
     pos = pos_ref[0]
-    hi = jnp.minimum(pos + 1, max_len)  # pos = -1 (padding) -> hi = 0 -> no block
+    hi = jnp.where(pos < 0, 0, jnp.minimum(pos + num_queries, max_len))  # pos = -1 (padding) -> no block
     lo = jnp.int32(0) if sliding_window is None else jnp.maximum(pos + 1 - sliding_window, 0)
     first_block = lax.div(lo, block_s)
     n_blocks = jnp.maximum(lax.div(hi + block_s - 1, block_s) - first_block, 0)
@@ -445,7 +451,14 @@ def _flash_decode_kernel(
         else:
             (k_sc, v_sc), next_scales = load_scales(t0), ()
         rows, visible = block_rows(t0)  # every walked block has a visible slot
-        s = jnp.where(by_token(visible), k_scores(rows, visible, k_sc), _MASKED)  # [Gp, Ts] or [Ts, Gp]
+        mask = by_token(visible)
+        if num_queries > 1:  # row r is the query at pos + r // G: its own causal (and window) limit
+            q_pos = by_head(pos + jnp.arange(gp) // num_heads_per_kv)  # [1, Gp] or [Gp, 1]
+            slots = by_token(t0 + jnp.arange(block_s))
+            mask = mask & (slots <= q_pos)
+            if sliding_window is not None:
+                mask = mask & (slots > q_pos - sliding_window)
+        s = jnp.where(mask, k_scores(rows, visible, k_sc), _MASKED)  # [Gp, Ts] or [Ts, Gp]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=tok_axis))  # [Gp]
         correction = jnp.exp2(m_prev - m_next)  # [Gp]
         p = jnp.exp2(s - by_head(m_next))  # f32, as s
@@ -497,12 +510,12 @@ def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
 
 
 def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str]:
-    if q.ndim != 3:
-        raise ValueError(f"q must be [B, H, D], got {q.shape=}")
+    if q.ndim not in (3, 4):
+        raise ValueError(f"q must be [B, H, D] or [B, T, H, D], got {q.shape=}")
     if q.dtype not in Q_DTYPES:
         raise ValueError(f"q must be bfloat16 or float16, got {q.dtype=}")
     k_kind, v_kind = _kind(k), _kind(v)
-    b, h, d = q.shape
+    b, *t, h, d = q.shape
     shapes = {}
     for name, store, kind in (("k", k, k_kind), ("v", v, v_kind)):
         data = _store_arrays(store)[0]
@@ -526,10 +539,12 @@ def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str
         raise ValueError(f"q {q.shape=} does not match the cache [B, S, K, D] = {shapes['k']}")
     if h % kh:
         raise ValueError(f"query heads {h} not a multiple of KV heads {kh}")
+    if t and t[0] * (h // kh) > MAX_QUERY_ROWS:
+        raise ValueError(f"{t[0]} queries x {h // kh} heads per KV head: more than MAX_QUERY_ROWS = {MAX_QUERY_ROWS}")
     if d & (d - 1) or not 32 <= d <= 256:
         raise ValueError(f"head_dim {d} unsupported: a power of two in [32, 256]")
-    if q_positions.shape != (b,):
-        raise ValueError(f"q_positions must be [B] = ({b},), got {q_positions.shape=}")
+    if q_positions.shape != (b, *t):
+        raise ValueError(f"q_positions must be [B] or [B, T] as q, {(b, *t)}, got {q_positions.shape=}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"{sliding_window=} must be >= 1 or None")
     return k_kind, v_kind
@@ -537,10 +552,11 @@ def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str
 
 def supports(q: jax.Array, k: Store, v: Store) -> bool:
     """Whether `flash_decode` takes these inputs (a dispatch point's test before calling
-    it): bf16/fp16 q; Dense bf16/fp16, Int8 or Int4 stores (not fp32, not Kivi4);
-    head_dim a power of two in [32, 256]; matching shapes."""
+    it): bf16/fp16 q [B, H, D] or [B, T, H, D] with T G <= MAX_QUERY_ROWS; Dense
+    bf16/fp16, Int8 or Int4 stores (not fp32, not Kivi4); head_dim a power of two in
+    [32, 256]; matching shapes."""
     try:
-        _check(q, k, v, jnp.zeros(q.shape[:1], jnp.int32), None)
+        _check(q, k, v, jnp.zeros(q.shape[:-2], jnp.int32), None)
     except (TypeError, ValueError):
         return False
     return True
@@ -566,28 +582,31 @@ def flash_decode(
     transposed: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Attention of one query token per sequence over its KV cache.
+    """Attention of one query token per sequence (or T at consecutive positions) over its
+    KV cache.
 
     Args:
-      q: [B, H, D] bf16/fp16, RoPE applied.
+      q: [B, H, D] or [B, T, H, D] (T G <= MAX_QUERY_ROWS) bf16/fp16, RoPE applied.
       k, v: kv_cache stores (Dense bf16/fp16, Int8, Int4), data [B, S, K, D or D/4];
         slot s holds position s. K and V may be in different formats.
-      q_positions: [B] int32; the query at p sees slots s <= p (and s > p -
-        sliding_window); -1 marks a padding row (finite output, value unused).
+      q_positions: [B] (or [B, T]: consecutive, trailing -1s allowed) int32; the query at
+        p sees slots s <= p (and s > p - sliding_window); -1 marks a padding row or
+        query (finite output, value unused).
       sliding_window: None (all) or the window length.
       block_s, num_splits, num_warps, num_stages, scales_ahead, transposed: tuning knobs
         (`Config`); None picks `default_config` (num_splits from B, K and S to fill 132 SMs).
       interpret: run the kernel in Pallas interpret mode (CPU tests).
     Returns:
-      [B, H, D] in q's dtype.
+      [B, H, D] or [B, T, H, D] (as q) in q's dtype.
     """
     k_kind, v_kind = _check(q, k, v, q_positions, sliding_window)
-    b, h, d = q.shape
+    b, *lead, h, d = q.shape
+    t = lead[0] if lead else 1
     _, s, kv_heads, _ = _store_arrays(k)[0].shape
     g = h // kv_heads
     cfg = resolve_config(k_kind, v_kind, b, kv_heads, s, block_s, num_splits, num_warps, num_stages, scales_ahead,
                          transposed)
-    gp = max(8 if cfg.transposed else 16, _pow2_ceil(g))  # the mma's N (transposed) or M: >= 8 or 16
+    gp = max(8 if cfg.transposed else 16, _pow2_ceil(t * g))  # the mma's N (transposed) or M: >= 8 or 16
 
     def cache_spec(x):
         # The whole cache row of one (sequence, KV head); the kernel slices its blocks.
@@ -601,6 +620,7 @@ def flash_decode(
         k_kind=k_kind,
         v_kind=v_kind,
         num_heads_per_kv=g,
+        num_queries=t,
         max_len=s,
         block_s=cfg.block_s,
         num_splits=cfg.num_splits,
@@ -624,25 +644,30 @@ def flash_decode(
             pl.BlockSpec((None, None, None, gp), lambda bi, ki, pi: (bi, ki, pi, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, kv_heads, cfg.num_splits, g, d), jnp.float32),  # o, unnormalized
-            jax.ShapeDtypeStruct((b, kv_heads, cfg.num_splits, g), jnp.float32),  # m
-            jax.ShapeDtypeStruct((b, kv_heads, cfg.num_splits, g), jnp.float32),  # l
+            jax.ShapeDtypeStruct((b, kv_heads, cfg.num_splits, t * g, d), jnp.float32),  # o, unnormalized
+            jax.ShapeDtypeStruct((b, kv_heads, cfg.num_splits, t * g), jnp.float32),  # m
+            jax.ShapeDtypeStruct((b, kv_heads, cfg.num_splits, t * g), jnp.float32),  # l
         ],
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"flash_decode_k{k_kind}_v{v_kind}",
-    )(q_positions.astype(jnp.int32), q.reshape(b, kv_heads, g, d), *k_arrays, *v_arrays)
-    return combine_splits(o, m, l).reshape(b, h, d).astype(q.dtype)
+    )(q_positions.reshape(b, t)[:, 0].astype(jnp.int32),
+      q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d), *k_arrays, *v_arrays)
+    out = combine_splits(o, m, l).reshape(b, kv_heads, t, g, d).transpose(0, 2, 1, 3, 4)  # [B, T, K, G, D]
+    return out.reshape(q.shape).astype(q.dtype)
 
 
 def flash_decode_reference(
     q: jax.Array, k: Store, v: Store, q_positions: jax.Array, *, sliding_window: int | None = None
 ) -> jax.Array:
     """Plain-JAX twin of `flash_decode`: dequantize to q's dtype, then
-    `attention.attention_reference` with T = 1. With a float32 q it is the exact oracle
-    (float32 dequantization and softmax throughout). Returns [B, H, D] in q's dtype."""
+    `attention.attention_reference`. With a float32 q it is the exact oracle (float32
+    dequantization and softmax throughout). Returns q's shape and dtype."""
     k_dense = kv_cache.decode_store(k, q.dtype)  # [B, S, K, D]
     v_dense = kv_cache.decode_store(v, q.dtype)
+    if q.ndim == 4:  # [B, T, H, D] at consecutive positions from the first
+        positions = q_positions[:, :1] + jnp.arange(q.shape[1], dtype=q_positions.dtype)
+        return attention.attention_reference(q, k_dense, v_dense, positions, sliding_window=sliding_window)
     out = attention.attention_reference(
         q[:, None], k_dense, v_dense, q_positions[:, None], sliding_window=sliding_window
     )  # [B, 1, H, D]

@@ -154,6 +154,56 @@ def test_matches_float32_oracle(case: Case, mode: str, transposed: int):
     )
 
 
+# Several queries a row at consecutive positions (a speculative verify's T = G + 1, a
+# draft's two-token catch-up step): (case, T); T x G <= fd.MAX_QUERY_ROWS.
+MULTI_CASES = [
+    (Case("bf16", 128, 2, 4, 200, (150, 31, -1, 0), 32, 3), 5),
+    (Case("int8", 64, 2, 3, 130, (100, 0), 64, 2), 2),
+    (Case("int4-g32", 128, 2, 4, 200, (190, 64, -1), 32, 3), 5),
+    (Case("k8v4-g64", 128, 1, 8, 180, (170, 10), 32, 4, sliding_window=33), 4),
+    (Case("int8", 128, 8, 4, 300, (250, 3)), 5),  # shipped defaults
+]
+
+
+@pytest.mark.parametrize("transposed", [0, 1])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case, t", MULTI_CASES, ids=lambda c: str(c))
+def test_several_queries_match_float32_oracle(case: Case, t: int, mode: str, transposed: int):
+    """Query i of a row sits at its first position + i and sees the slots up to there."""
+    seed = 100 + [c for c, _ in MULTI_CASES].index(case)
+    b, h, d = len(case.positions), case.kv_heads * case.g, case.head_dim
+    k, v = make_stores(case.kv_format, *random_kv((b, case.max_len, case.kv_heads, d), seed))
+    q = jnp.asarray(2.0 * np.random.default_rng(seed).standard_normal((b, t, h, d)), jnp.bfloat16)  # [B, T, H, D]
+    first = np.array(case.positions, np.int32)
+    pos = np.where(first[:, None] >= 0, first[:, None] + np.arange(t, dtype=np.int32), -1)  # [B, T]
+    pos[0, -1] = -1  # a trailing padding query (output unused)
+    out = fd.flash_decode(q, k, v, pos, sliding_window=case.sliding_window, block_s=case.block_s,
+                          num_splits=case.num_splits, transposed=transposed, interpret=mode == "interpret")
+    assert out.shape == (b, t, h, d) and out.dtype == jnp.bfloat16
+    out = np.asarray(out.astype(jnp.float32))
+    assert np.isfinite(out).all()
+    want, mean_abs, _ = map(np.asarray, oracle(q, k, v, pos, case.sliding_window))
+    tol = 1.05 * float(jnp.finfo(jnp.bfloat16).eps) / 2 * (np.abs(want) + mean_abs) + 1e-5
+    rows = pos >= 0  # [B, T]: padding rows and queries are only asked to be finite
+    err = np.abs(out - want)[rows]
+    assert (err <= tol[rows]).all(), f"max |err| {err.max():.3g} (excess {np.max(err - tol[rows]):.3g})"
+    # ...and each query equals the one-query kernel at its own position
+    for i in range(t):
+        one = fd.flash_decode(q[:, i], k, v, pos[:, i], sliding_window=case.sliding_window,
+                              block_s=case.block_s, num_splits=case.num_splits, interpret=mode == "interpret")
+        ok = pos[:, i] >= 0
+        np.testing.assert_allclose(out[ok, i], np.asarray(one.astype(jnp.float32))[ok], rtol=2e-2, atol=2e-2)
+
+
+def test_several_queries_past_the_row_limit_are_not_taken():
+    x = jnp.zeros((1, 16, 8, 64), jnp.bfloat16)
+    assert fd.supports(jnp.zeros((1, 4, 32, 64), jnp.bfloat16), kv_cache.Dense(x), kv_cache.Dense(x))  # 4 x 4 rows
+    q = jnp.zeros((1, 9, 32, 64), jnp.bfloat16)  # 9 queries x 4 heads a KV head = 36 rows > 32
+    assert not fd.supports(q, kv_cache.Dense(x), kv_cache.Dense(x))
+    with pytest.raises(ValueError, match="MAX_QUERY_ROWS"):
+        fd.flash_decode(q, kv_cache.Dense(x), kv_cache.Dense(x), jnp.zeros((1, 9), jnp.int32), interpret=True)
+
+
 def test_combine_splits_empty_and_padding():
     """Splits that saw no key (m = _MASKED, l = 0) drop out; a row no split saw gives 0."""
     o = jnp.array([[[[[2.0, 4.0]], [[0.0, 0.0]], [[6.0, 2.0]]]]])  # [B=1, K=1, P=3, G=1, D=2]
@@ -258,6 +308,22 @@ def test_defaults_lower_to_triton(kv_format, head_dim):
         _assert_lowers(kv_format, batch, max_len, 32, 8, head_dim)
     _assert_lowers(kv_format, 2, 4096, 32, 8, head_dim, sliding_window=1024)
     _assert_lowers(kv_format, 1, 32768, 32, 8, head_dim, transposed=1)
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "int8", "int4-g64"])
+@pytest.mark.parametrize("t", [2, 5, 8])
+def test_several_queries_lower_to_triton(kv_format, t):
+    """The 8B verify (T = 5 or 8 queries x 4 heads) and the 1B draft's catch-up step (T = 2)."""
+    fmt = kv_cache.parse_format(kv_format)
+    shape = (1, 4096, 8, 128)
+    stores = jax.eval_shape(lambda: tuple(make_store(side, jnp.zeros(shape), fmt.group) for side in (fmt.k, fmt.v)))
+    leaves, tree = jax.tree.flatten(stores)
+
+    def fn(q, pos, *leaves):
+        return fd.flash_decode(q, *jax.tree.unflatten(tree, leaves), pos)
+
+    assert_lowers_to_triton(fn, jax.ShapeDtypeStruct((1, t, 32, 128), jnp.bfloat16),
+                            jax.ShapeDtypeStruct((1, t), jnp.int32), *leaves)
 
 
 @pytest.mark.parametrize("block_s", [64, 128, 256])
