@@ -6,9 +6,10 @@ One iteration of the loop is one *round*, for every row at once:
      decoding autoregressively with its own KV cache (g <= G steps, g adapted to the
      running acceptance rate in an inner `lax.while_loop`; or, with a fixed draft
      length, all G steps unrolled into the round: XLA's GPU while loop reads its
-     condition on the host every iteration, a round trip that costs about 3% of a 1B
-     draft step), or prompt lookup (the tokens that followed the most recent
-     earlier occurrence of the context's last n-gram, n = 3, 2, 1; no model).
+     condition on the host every iteration, and unrolled a 1B draft step in the round
+     fell from 1.08 to 0.96 of its plain decode step on an H200), or prompt lookup
+     (the tokens that followed the most recent earlier occurrence of the context's last
+     n-gram, n = 3, 2, 1; no model).
   2. The target runs once over [x_P, d_1 .. d_G] at positions P .. P + G, where x_P is the
      row's last token and P its own position: rows progress raggedly. Positions of
      tokens not drafted are -1 (padding: not written, output unused).

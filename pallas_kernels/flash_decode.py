@@ -33,10 +33,11 @@ softmaxes. With `transposed`, a program computes scores as K . q^T, [Ts, Gp] wit
 (the tokens on the mma's M, the query heads on N), and its accumulators as V^T . p.
 
 Dimensions: B batch, T queries per sequence, S cache slots (slot s holds position s), H
-query heads, K KV heads, G = H // K query heads per KV head, Gp T G padded to a power of two >= 16 (>= 8 transposed), D head_dim,
-N = D / group int4 quantization groups, P splits of the visible key range, Ts keys per
-block (`block_s`), Q = D/4 channels per quarter (the int8 and int4 words per token),
-C = min(group, Q) int4 channels per unpacked chunk.
+query heads, K KV heads, G = H // K query heads per KV head, Gp T G padded to a power of
+two >= 16 (>= 8 transposed), D head_dim, N = D / group int4 quantization groups, P
+splits of the visible key range, Ts keys per block (`block_s`), Q = D/4 channels per
+quarter (the int8 and int4 words per token), C = min(group, Q) int4 channels per
+unpacked chunk.
 """
 
 from __future__ import annotations
