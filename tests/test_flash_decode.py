@@ -195,6 +195,32 @@ def test_several_queries_match_float32_oracle(case: Case, t: int, mode: str, tra
         np.testing.assert_allclose(out[ok, i], np.asarray(one.astype(jnp.float32))[ok], rtol=2e-2, atol=2e-2)
 
 
+def test_a_verify_pass_through_the_kernel_equals_the_reference():
+    """`model.forward` over 3 new tokens a row with the cache (a speculative verify):
+    attention_impl "pallas" runs flash_decode with several queries (interpret mode),
+    "xla" the reference; the same logits and caches up to bf16 rounding."""
+    from ollm_jax import model
+    from ollm_jax.config import ModelConfig
+    from tests.conftest import TINY_HF
+
+    cfg = ModelConfig.from_hf(dict(TINY_HF, hidden_size=128, head_dim=32), dtype="bfloat16")
+    params = model.init_params(cfg, jax.random.key(0))
+    prompt = jnp.asarray([[1, 5, 9, 23, 40, 7], [1, 60, 2, 8, 0, 0]], jnp.int32)
+    prompt_pos = jnp.asarray([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, -1, -1]], jnp.int32)
+    _, cache = model.forward(params, cfg, prompt, prompt_pos, kv_cache.create(cfg, 2, 16), attention_impl="xla")
+    new = jnp.asarray([[11, 12, 13], [14, 15, 16]], jnp.int32)
+    new_pos = jnp.asarray([[6, 7, 8], [4, 5, -1]], jnp.int32)  # the second row: two tokens and padding
+    assert fd.supports(jnp.zeros((2, 3, cfg.num_heads, 32), jnp.bfloat16), cache.layers[0].k, cache.layers[0].v)
+    copy = jax.tree.map(jnp.copy, cache)  # forward donates its cache
+    got, got_cache = model.forward(params, cfg, new, new_pos, cache, attention_impl="pallas")
+    want, want_cache = model.forward(params, cfg, new, new_pos, copy, attention_impl="xla")
+    valid = np.asarray(new_pos) >= 0
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], rtol=2e-2, atol=2e-2)
+    # "pallas" also projects q/k/v in the fused norm_qkv kernel: bf16 rounding apart
+    for g, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2e-2, atol=2e-2)
+
+
 def test_several_queries_past_the_row_limit_are_not_taken():
     x = jnp.zeros((1, 16, 8, 64), jnp.bfloat16)
     assert fd.supports(jnp.zeros((1, 4, 32, 64), jnp.bfloat16), kv_cache.Dense(x), kv_cache.Dense(x))  # 4 x 4 rows

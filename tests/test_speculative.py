@@ -371,6 +371,22 @@ def test_rolled_back_caches_equal_plain_decoding(tiny, kv_format):
                              draft_lengths, kv_format)
 
 
+def test_unrolled_draft_steps_equal_the_loop(tiny):
+    """A fixed draft length unrolls the draft's steps (no `initial_gamma`); a traced
+    initial_gamma = G runs the same steps in a loop: same tokens, stats and caches, sampled."""
+    cfg, params = tiny
+    tokens, lengths = batch_prompts([[1, 5, 9, 23, 40], [1, 60, 2]])
+    kw = dict(num_draft_tokens=3, max_new_tokens=20, sampling=SamplingParams(temperature=0.8, top_k=20), eos_ids=(),
+              adaptive_gamma=False)
+    draft = _perturbed(params, 0.3, 8)
+    unrolled = spec.run(params, cfg, draft, cfg, tokens, lengths, jax.random.key(5), **kw)
+    looped = spec.run(params, cfg, draft, cfg, tokens, lengths, jax.random.key(5), jnp.int32(3), **kw)
+    for got, want in zip(jax.tree.leaves(unrolled.replace(key=0)), jax.tree.leaves(looped.replace(key=0))):
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=1e-6, atol=1e-6)
+    stats = jax.device_get(unrolled.stats)
+    assert 0 < stats.accepted_tokens.sum() < stats.drafted_tokens.sum(), stats
+
+
 # ----------------------------------------------------------------------------- errors
 
 
