@@ -329,6 +329,9 @@ def run(
         key=key,
     )
 
+    # A fixed draft length stays a Python int, so `_draft_model` unrolls its steps.
+    fixed_gamma = not adaptive_gamma and initial_gamma is None
+
     def cond(s: SpeculativeState):
         return (s.step < n) & ~jnp.all(s.done)  # a round emits >= 1 token per unfinished row
 
@@ -336,9 +339,7 @@ def run(
         active = ~s.done  # [B]
         last_pos = s.prompt_lengths + s.num_tokens - 1  # [B] P, position of the last token
         round_key = jax.random.fold_in(s.key, s.step)
-        gamma = s.gamma if draft_cfg is not None else jnp.array(big_g, jnp.int32)
-        if draft_cfg is not None and not adaptive_gamma and initial_gamma is None:
-            gamma = big_g  # static: `_draft_model` unrolls its steps
+        gamma = big_g if fixed_gamma else s.gamma  # the draft model's length this round (unused by lookup)
 
         # 1. Draft.
         if draft_cfg is None:

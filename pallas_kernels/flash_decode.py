@@ -320,6 +320,9 @@ def _flash_decode_kernel(
         slots = t0 + jnp.arange(block_s)  # [Ts]
         return pl.ds(t0, block_s), (slots >= lo) & (slots < hi)  # rows, visible [Ts]
 
+    # Several queries: row r is the query at pos + r // G, with its own causal (and window) limit.
+    q_pos = by_head(pos + jnp.arange(gp) // num_heads_per_kv) if num_queries > 1 else None  # [1, Gp] or [Gp, 1]
+
     def int4_layout(refs_):  # (group, chunk C, chunks per quarter, N)
         group = 4 * refs_[0].shape[-1] // refs_[1].shape[-1]
         chunk = min(group, quarter)
@@ -453,8 +456,7 @@ def _flash_decode_kernel(
             (k_sc, v_sc), next_scales = load_scales(t0), ()
         rows, visible = block_rows(t0)  # every walked block has a visible slot
         mask = by_token(visible)
-        if num_queries > 1:  # row r is the query at pos + r // G: its own causal (and window) limit
-            q_pos = by_head(pos + jnp.arange(gp) // num_heads_per_kv)  # [1, Gp] or [Gp, 1]
+        if q_pos is not None:
             slots = by_token(t0 + jnp.arange(block_s))
             mask = mask & (slots <= q_pos)
             if sliding_window is not None:
