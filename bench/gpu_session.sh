@@ -21,6 +21,8 @@
 #   bash bench/gpu_session.sh p    gemv_int8 at 1-4 pipeline stages (its fixed cost per call)
 #   bash bench/gpu_session.sh q    speculative cost model, int8 draft, its steps unrolled (fixed draft length)
 #   bash bench/gpu_session.sh r    flash_decode with several queries (tests compiled), then part q's cost model
+#   bash bench/gpu_session.sh s    flash_decode reading kivi4 keys: tests compiled, 128k beside bf16 and int4, its knobs
+#   bash bench/gpu_session.sh t    kv_quant end to end (8B, batch 8, 32k) with kivi4 beside bf16, int8 and int4
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -134,6 +136,18 @@ case "${1:-}" in
     step 480 spec_shapes_unrolled python3 bench/speculative.py --part shapes --fit-loop unrolled --fit-gammas 3 4 \
       --verify-widths 4 5 --draft-weights int8 --draft-int8-matrices w_gate w_up w_down embedding lm_head \
       --out "$OUT/"
+    ;;
+  s)
+    # kivi4 keys (per-channel int4, a token group a block) through flash_decode, beside bf16
+    # and int4 at their defaults; then its stages, orientation and splits.
+    step 150 fd_kivi_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py -k "gpu"
+    F="python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 --no-reference"
+    step 150 fd_kivi_defaults $F --batch 1,8 --formats bf16,int4,kivi4-g64,kivi4-g128
+    step 130 fd_kivi_b1_knobs $F --batch 1 --formats kivi4-g64 --num-stages 2,3 --transposed 0,1 --num-splits 66,99,132
+    step 110 fd_kivi_b8_knobs $F --batch 8 --formats kivi4-g64 --num-stages 2,3 --transposed 0,1 --num-splits 10,12,16
+    ;;
+  t)
+    step 300 kv_quant_e2e_kivi python3 bench/kv_quant.py --parts e2e --formats bf16 int8 int4 kivi4-g64 --out "$OUT/"
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \

@@ -20,6 +20,12 @@ different one for K and for V) and dequantized in registers:
   sum(q_n)) + zero_n * sum(q_n) (K biased as for int8), and for V the group scale
   multiplies the probabilities and the zero point adds sum(p * zero_n) per group. A
   token's N group scales (and zeros) arrive in one [Ts, N] load.
+- kivi4 keys (`kv_cache.Kivi4`: int4 words as above, a scale and zero point per channel
+  for each group of tokens; block_s is the group): a block's per-channel scales fold
+  into q, q_e = fp16(q * scale), so the dots take the nibbles as they are and no per-token
+  work is left: scores = sum_e q_e . (bias + nibbles_e) - bias * sum(q_e) + q . zero. The
+  store's most recent tokens, [flushed, flushed + group), sit in its dense residual, which
+  one split reads as one more block.
 - Integers become fp16 by a magic-number trick in inline PTX, so dots against quantized
   data run in fp16; dense K/V dot in q's dtype.
 
@@ -53,7 +59,7 @@ from jax.experimental.pallas import triton as plt
 
 import pallas_kernels  # noqa: F401  (filters the Triton deprecation warning)
 from ollm_jax import attention, kv_cache
-from ollm_jax.kv_cache import Dense, Int4, Int8, Store
+from ollm_jax.kv_cache import Dense, Int4, Int8, Kivi4, Store
 
 NUM_SMS = 132  # H100 and H200: the grid is sized to cover this many SMs several times
 PROGRAMS_PER_SM = 4  # target programs in flight per SM when choosing num_splits (bf16, mixed)
@@ -62,13 +68,13 @@ PROGRAMS_PER_SM = 4  # target programs in flight per SM when choosing num_splits
 # int8 5 (64-slot blocks in 39 KiB of shared memory: 82 splits at batch 1, 10 at batch 8;
 # 11 splits, just over a wave, measured 676 against 569 us at batch 8), int4 6 (99 splits
 # at batch 1).
-PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 6}
+PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 6, "kivi4": 6}
 MIN_BLOCKS_PER_SPLIT = 2  # at the longest context, each split walks at least this many blocks
 Q_DTYPES = (jnp.bfloat16, jnp.float16)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: empty splits and rows stay NaN-free
 MAX_QUERY_ROWS = 32  # T x G at most: the rows of one program's q tile and accumulators
 _LOG2E = 1.4426950408889634  # scores are kept in log2 units, so the softmax is exp2
-_NUM_ARRAYS = {"dense": 1, "int8": 2, "int4": 3}  # arrays per store, in jax.tree.leaves order
+_NUM_ARRAYS = {"dense": 1, "int8": 2, "int4": 3, "kivi4": 4}  # kernel arrays per store (`_store_arrays`)
 
 
 def _pow2_ceil(n: int) -> int:
@@ -82,11 +88,17 @@ def _kind(store: Store) -> str:
         return "int8"
     if isinstance(store, Int4):
         return "int4"
-    raise TypeError(f"expected a kv_cache store (Dense, Int8, Int4), got {type(store).__name__}")
+    if isinstance(store, Kivi4):
+        return "kivi4"
+    raise TypeError(f"expected a kv_cache store (Dense, Int8, Int4, Kivi4), got {type(store).__name__}")
 
 
 def _store_arrays(store: Store) -> tuple[jax.Array, ...]:
-    return tuple(jax.tree.leaves(store))  # Dense: (x,); Int8: (q, scale); Int4: (q, scale, zero)
+    """The arrays a kernel reads: Dense (x,); Int8 (q, scale); Int4 (q, scale, zero); Kivi4
+    (q, scale, zero, residual), its `flushed` going in with the query positions."""
+    if isinstance(store, Kivi4):
+        return store.q, store.scale, store.zero, store.residual
+    return tuple(jax.tree.leaves(store))
 
 
 # ------------------------------------------------------------------------------ config
@@ -116,10 +128,13 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int,
 
 
 def _programs_per_sm(k_kind: str, v_kind: str) -> int | None:
+    if (k_kind, v_kind) == ("kivi4", "int4"):  # the kivi4 format: 4-bit words on both sides
+        return PROGRAMS_PER_SM_QUANT["kivi4"]
     return PROGRAMS_PER_SM_QUANT.get(k_kind) if k_kind == v_kind else None
 
 
-def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len: int) -> Config:
+def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len: int,
+                   token_group: int | None = None) -> Config:
     """The defaults. For D = 128 on sm_90 (pip Triton 3.6, offline), block_s 128 with 4
     warps and 2 stages needs <= 168 registers a thread (int4-g32: 255, no spill) and
     <= 72 KiB of shared memory in every format, so 2-3 programs fit on an SM; block_s 256
@@ -131,10 +146,13 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
     int4 keeps 128-slot blocks and 2 stages (93-101 us against 97-118 us for 64 slots,
     batch 1), with scores transposed (K . q^T) and its scales in their own block: 86.5
     against 90.9 us at batch 1 and 567 against 596 us at batch 8 (session 5; a block
-    ahead, 92-93 and 604-625 us). Splits: PROGRAMS_PER_SM, PROGRAMS_PER_SM_QUANT."""
+    ahead, 92-93 and 604-625 us). A Kivi4 K store is read a token group (`token_group`) a
+    block. Splits: PROGRAMS_PER_SM, PROGRAMS_PER_SM_QUANT."""
     int8 = k_kind == v_kind == "int8"
-    int4 = k_kind == v_kind == "int4"
+    int4 = k_kind in ("int4", "kivi4") and v_kind == "int4"
     block_s = min(64 if int8 else 128, max(16, _pow2_ceil(max_len)))
+    if k_kind == "kivi4":
+        block_s = token_group
     return Config(
         block_s=block_s,
         num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind)),
@@ -149,10 +167,13 @@ def resolve_config(
     k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len: int,
     block_s: int | None = None, num_splits: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, scales_ahead: int | None = None,
-    transposed: int | None = None,
+    transposed: int | None = None, token_group: int | None = None,
 ) -> Config:
-    """The knobs given, the defaults for the rest (num_splits follows the block size)."""
-    cfg = default_config(k_kind, v_kind, batch, kv_heads, max_len)
+    """The knobs given, the defaults for the rest (num_splits follows the block size).
+    `token_group`: a Kivi4 K store's group, its block size."""
+    cfg = default_config(k_kind, v_kind, batch, kv_heads, max_len, token_group)
+    if k_kind == "kivi4" and block_s not in (None, token_group):
+        raise ValueError(f"{block_s=}: a Kivi4 K store is read a token group at a time, block_s = {token_group}")
     block_s = block_s or cfg.block_s
     if block_s < 16 or block_s & (block_s - 1):
         raise ValueError(f"{block_s=} must be a power of two >= 16")
@@ -248,7 +269,8 @@ def _int4_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False)
 
 
 def _flash_decode_kernel(
-    pos_ref,  # [1] int32: this sequence's (first) query position (-1: padding)
+    pos_ref,  # [2] int32: this sequence's (first) query position (-1: padding), and for a Kivi4
+    #           K store its `flushed` (slots below it are quantized; max_len otherwise)
     q_ref,  # [Gp, D] rows >= T G are outside q (masked)
     *refs,  # K store refs, V store refs (each [S, ...]), then o_ref [Gp, D] f32, m_ref [Gp], l_ref [Gp]
     k_kind: str,
@@ -306,15 +328,20 @@ def _flash_decode_kernel(
     def load_q(cols):
         return plt.load(q_ref.at[:, cols], mask=row_mask, other=0) if row_mask is not None else q_ref[:, cols]
 
-    # The visible slots [lo, hi) (of any query) and the blocks this split walks.
-    pos = pos_ref[0]
+    # The visible slots [lo, hi) (of any query) and the blocks this split walks. A Kivi4 K
+    # store (block_s = its token group) holds the slots [flushed, flushed + Ts) in its dense
+    # residual: one more block, dealt out after the quantized ones.
+    pos, flushed = pos_ref[0], pos_ref[1]
     hi = jnp.where(pos < 0, 0, jnp.minimum(pos + num_queries, max_len))  # pos = -1 (padding) -> no block
     lo = jnp.int32(0) if sliding_window is None else jnp.maximum(pos + 1 - sliding_window, 0)
     first_block = lax.div(lo, block_s)
-    n_blocks = jnp.maximum(lax.div(hi + block_s - 1, block_s) - first_block, 0)
-    per_split = lax.div(n_blocks + num_splits - 1, num_splits)
+    quantized_hi = jnp.minimum(hi, flushed) if k_kind == "kivi4" else hi
+    n_blocks = jnp.maximum(lax.div(quantized_hi + block_s - 1, block_s) - first_block, 0)
+    has_residual = (hi > jnp.maximum(lo, flushed)).astype(jnp.int32) if k_kind == "kivi4" else 0
+    per_split = jnp.maximum(lax.div(n_blocks + has_residual + num_splits - 1, num_splits), 1)
     start_block = first_block + split * per_split
     count = jnp.clip(n_blocks - split * per_split, 0, per_split)
+    residual_count = jnp.where(lax.div(n_blocks, per_split) == split, has_residual, 0)  # 0 or 1
 
     def block_rows(t0):
         slots = t0 + jnp.arange(block_s)  # [Ts]
@@ -379,14 +406,34 @@ def _flash_decode_kernel(
                 q_parts[e, c] = q_parts[e, c] * jnp.asarray(0.0625, qdt)
             q_bias[col // k_group] += INT4_BIAS * jnp.sum(q_parts[e, c].astype(f32), axis=1)
         q_sum = [x * score_scale for x in q_sum]  # [Gp] each
+    elif k_kind == "kivi4":
+        # Per-channel scales, one row per block (its token group): each block folds them into q
+        # (K = n * scale + zero, so q . K = (q * scale) . n + q . zero), rounded once to fp16.
+        q_scored = [load_q(pl.ds(e * quarter, quarter)).astype(f32) * score_scale for e in range(4)]  # [Gp, Q]
     elif k_kind == "int8":
         q_quarters = [load_q(pl.ds(c * quarter, quarter)).astype(qdt) for c in range(4)]  # [Gp, Q] each
         q_bias = INT8_BIAS * sum(jnp.sum(x.astype(f32), axis=1) for x in q_quarters)  # [Gp]: bias * sum(q)
     else:
         q = load_q(slice(None)).astype(dt)  # [Gp, D]
 
-    def k_scores(rows, visible, k_sc):
+    def k_scores(t0, rows, visible, k_sc):
         vis2 = visible[:, None]  # [Ts, 1]
+        if k_kind == "kivi4":
+            group = lax.div(t0, block_s)  # this block's row of per-channel scales
+            words = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0)  # [Ts, Q] u16
+            s, offset = None, None
+            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret, biased=True)):  # [Ts, Q]: bias + n (16 n)
+                cols = pl.ds(e * quarter, quarter)
+                scale = plt.load(k_refs[1].at[group, cols]).astype(f32) * (0.0625 if e % 2 else 1.0)  # [Q]
+                zero = plt.load(k_refs[2].at[group, cols]).astype(f32)  # [Q]
+                q_e = (q_scored[e] * scale[None, :]).astype(qdt)  # [Gp, Q]
+                part = qk(q_e, n_e)
+                # The bias the dot adds (from the same rounded q_e) less the zero points' term,
+                # channel by channel; one sum over the channels after the quarters.
+                off = INT4_BIAS * q_e.astype(f32) - q_scored[e] * zero[None, :]  # [Gp, Q]
+                s = part if s is None else s + part
+                offset = off if offset is None else offset + off
+            return s - by_head(jnp.sum(offset, axis=1))
         if k_kind == "dense":
             k = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D]
             return qk(q, k) * score_scale
@@ -446,6 +493,26 @@ def _flash_decode_kernel(
                 out[i] += pv(p_scaled[(e * quarter + c * v_chunk) // v_group], n_e)
         return tuple(out) + tuple(z_acc)
 
+    def residual_scores(t0, rows, visible, k_sc):  # a Kivi4 store's residual: slot r holds position t0 + r
+        k = plt.load(k_refs[3].at[:, :], mask=visible[:, None], other=0).astype(dt)  # [Ts, D]
+        return qk(load_q(slice(None)).astype(dt), k) * score_scale
+
+    def attend_block(t0, m_prev, l_prev, acc, k_sc, v_sc, scores_fn):
+        rows, visible = block_rows(t0)  # every walked block has a visible slot
+        mask = by_token(visible)
+        if q_pos is not None:
+            slots = by_token(t0 + jnp.arange(block_s))
+            mask = mask & (slots <= q_pos)
+            if sliding_window is not None:
+                mask = mask & (slots > q_pos - sliding_window)
+        s = jnp.where(mask, scores_fn(t0, rows, visible, k_sc), _MASKED)  # [Gp, Ts] or [Ts, Gp]
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=tok_axis))  # [Gp]
+        correction = jnp.exp2(m_prev - m_next)  # [Gp]
+        p = jnp.exp2(s - by_head(m_next))  # f32, as s
+        l_next = l_prev * correction + jnp.sum(p, axis=tok_axis)
+        acc = tuple(a * (by_head(correction) if a.ndim == 2 else correction) for a in acc)
+        return m_next, l_next, v_accumulate(rows, visible, p, acc, v_sc)
+
     def body(i, carry):
         m_prev, l_prev, acc, scales = carry  # [Gp], [Gp], accumulators, this block's scales (or ())
         t0 = (start_block + i) * block_s
@@ -454,25 +521,17 @@ def _flash_decode_kernel(
             next_scales = load_scales(t0 + block_s)  # masked past the visible range: no read there
         else:
             (k_sc, v_sc), next_scales = load_scales(t0), ()
-        rows, visible = block_rows(t0)  # every walked block has a visible slot
-        mask = by_token(visible)
-        if q_pos is not None:
-            slots = by_token(t0 + jnp.arange(block_s))
-            mask = mask & (slots <= q_pos)
-            if sliding_window is not None:
-                mask = mask & (slots > q_pos - sliding_window)
-        s = jnp.where(mask, k_scores(rows, visible, k_sc), _MASKED)  # [Gp, Ts] or [Ts, Gp]
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=tok_axis))  # [Gp]
-        correction = jnp.exp2(m_prev - m_next)  # [Gp]
-        p = jnp.exp2(s - by_head(m_next))  # f32, as s
-        l_next = l_prev * correction + jnp.sum(p, axis=tok_axis)
-        acc = tuple(a * (by_head(correction) if a.ndim == 2 else correction) for a in acc)
-        return m_next, l_next, v_accumulate(rows, visible, p, acc, v_sc), next_scales
+        return (*attend_block(t0, m_prev, l_prev, acc, k_sc, v_sc, k_scores), next_scales)
+
+    def residual_body(_, carry):  # the Kivi4 residual block, [flushed, flushed + Ts)
+        return attend_block(flushed, *carry, *load_scales(flushed), residual_scores)
 
     m0 = jnp.full((gp,), _MASKED, f32)
     l0 = jnp.zeros((gp,), f32)
     scales0 = load_scales(start_block * block_s) if scales_ahead else ()
     m, l, acc, _ = lax.fori_loop(0, count, body, (m0, l0, acc0, scales0))
+    if k_kind == "kivi4":
+        m, l, acc = lax.fori_loop(0, residual_count, residual_body, (m, l, acc))
 
     def store(cols, x):  # an accumulator (in orientation) -> o_ref[:, cols], [Gp, width]
         x = x.T if transposed else x
@@ -530,6 +589,10 @@ def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str
             raise ValueError(f"dense {name} must be bfloat16 or float16, got {data.dtype=}")
         if kind == "int8" and width < 64:
             raise ValueError(f"{name}: int8 needs head_dim >= 64 (quarters of >= 16 channels), got {width}")
+        if kind == "kivi4" and (name == "v" or width < 64 or data.shape[1] % store.group):
+            raise ValueError(f"{name}: a Kivi4 store (per-channel int4) is read as K with head_dim >= 64 and whole "
+                             f"token groups, got it as {name} with head_dim {width}, {data.shape[1]} slots, "
+                             f"group {store.group}")
         if kind == "int4":
             n, group = store.scale.shape[-1], store.group
             quarter = width // 4
@@ -556,8 +619,8 @@ def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str
 def supports(q: jax.Array, k: Store, v: Store) -> bool:
     """Whether `flash_decode` takes these inputs (a dispatch point's test before calling
     it): bf16/fp16 q [B, H, D] or [B, T, H, D] with T G <= MAX_QUERY_ROWS; Dense
-    bf16/fp16, Int8 or Int4 stores (not fp32, not Kivi4); head_dim a power of two in
-    [32, 256]; matching shapes."""
+    bf16/fp16, Int8 or Int4 stores, or a Kivi4 K store (not fp32); head_dim a power of two
+    in [32, 256]; matching shapes."""
     try:
         _check(q, k, v, jnp.zeros(q.shape[:-2], jnp.int32), None)
     except (TypeError, ValueError):
@@ -590,14 +653,15 @@ def flash_decode(
 
     Args:
       q: [B, H, D] or [B, T, H, D] (T G <= MAX_QUERY_ROWS) bf16/fp16, RoPE applied.
-      k, v: kv_cache stores (Dense bf16/fp16, Int8, Int4), data [B, S, K, D or D/4];
-        slot s holds position s. K and V may be in different formats.
+      k, v: kv_cache stores (Dense bf16/fp16, Int8, Int4; K also Kivi4), data [B, S, K, D
+        or D/4]; slot s holds position s. K and V may be in different formats.
       q_positions: [B] (or [B, T]: consecutive, trailing -1s allowed) int32; the query at
         p sees slots s <= p (and s > p - sliding_window); -1 marks a padding row or
         query (finite output, value unused).
       sliding_window: None (all) or the window length.
       block_s, num_splits, num_warps, num_stages, scales_ahead, transposed: tuning knobs
         (`Config`); None picks `default_config` (num_splits from B, K and S to fill 132 SMs).
+        A Kivi4 K store's blocks are its token groups: block_s is its group.
       interpret: run the kernel in Pallas interpret mode (CPU tests).
     Returns:
       [B, H, D] or [B, T, H, D] (as q) in q's dtype.
@@ -608,16 +672,18 @@ def flash_decode(
     _, s, kv_heads, _ = _store_arrays(k)[0].shape
     g = h // kv_heads
     cfg = resolve_config(k_kind, v_kind, b, kv_heads, s, block_s, num_splits, num_warps, num_stages, scales_ahead,
-                         transposed)
+                         transposed, token_group=k.group if k_kind == "kivi4" else None)
     gp = max(8 if cfg.transposed else 16, _pow2_ceil(t * g))  # the mma's N (transposed) or M: >= 8 or 16
 
     def cache_spec(x):
         # The whole cache row of one (sequence, KV head); the kernel slices its blocks.
         if x.ndim == 3:  # int8 scale [B, S, K]
             return pl.BlockSpec((None, s, None), lambda bi, ki, pi: (bi, 0, ki))
-        return pl.BlockSpec((None, s, None, x.shape[-1]), lambda bi, ki, pi: (bi, 0, ki, 0))
+        # [B, S, K, D or D/4 or N]; Kivi4 scale, zero [B, S/group, K, D] and residual [B, group, K, D]
+        return pl.BlockSpec((None, x.shape[1], None, x.shape[-1]), lambda bi, ki, pi: (bi, 0, ki, 0))
 
     k_arrays, v_arrays = _store_arrays(k), _store_arrays(v)
+    flushed = k.flushed.astype(jnp.int32) if k_kind == "kivi4" else jnp.full((b,), s, jnp.int32)  # [B]
     kernel = functools.partial(
         _flash_decode_kernel,
         k_kind=k_kind,
@@ -637,7 +703,7 @@ def flash_decode(
         kernel,
         grid=(b, kv_heads, cfg.num_splits),
         in_specs=[
-            pl.BlockSpec((1,), lambda bi, ki, pi: (bi,)),
+            pl.BlockSpec((None, 2), lambda bi, ki, pi: (bi, 0)),
             pl.BlockSpec((None, None, gp, d), lambda bi, ki, pi: (bi, ki, 0, 0)),
             *[cache_spec(x) for x in (*k_arrays, *v_arrays)],
         ],
@@ -654,7 +720,7 @@ def flash_decode(
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"flash_decode_k{k_kind}_v{v_kind}",
-    )(q_positions.reshape(b, t)[:, 0].astype(jnp.int32),
+    )(jnp.stack([q_positions.reshape(b, t)[:, 0].astype(jnp.int32), flushed], axis=1),  # [B, 2]
       q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d), *k_arrays, *v_arrays)
     out = combine_splits(o, m, l).reshape(b, kv_heads, t, g, d).transpose(0, 2, 1, 3, 4)  # [B, T, K, G, D]
     return out.reshape(q.shape).astype(q.dtype)
@@ -681,9 +747,10 @@ def flash_decode_reference(
 
 
 def _random_store(key, side: str, shape: tuple[int, ...], group: int) -> Store:
-    """A store of kv_cache side format `side` (bf16, fp16, int8, int4) with random
+    """A store of kv_cache side format `side` (bf16, fp16, int8, int4, kivi4) with random
     contents for values of `shape` [B, S, K, D], its arrays shaped as
-    `kv_cache.empty_store`'s; speed does not depend on the values."""
+    `kv_cache.empty_store`'s (a kivi4 store with its last group in the residual); speed
+    does not depend on the values."""
     like = jax.eval_shape(lambda: kv_cache.empty_store(side, shape, group))
     k1, k2, k3 = jax.random.split(key, 3)
     if isinstance(like, Dense):
@@ -691,6 +758,14 @@ def _random_store(key, side: str, shape: tuple[int, ...], group: int) -> Store:
     q = jax.random.bits(k1, like.q.shape, like.q.dtype)  # packed words
     if isinstance(like, Int8):
         return Int8(q, jax.random.uniform(k2, like.scale.shape, like.scale.dtype, 0.005, 0.02))
+    if isinstance(like, Kivi4):
+        return Kivi4(
+            q,
+            jax.random.uniform(k2, like.scale.shape, like.scale.dtype, 0.01, 0.2),
+            jax.random.uniform(k3, like.zero.shape, like.zero.dtype, -1.5, -0.5),
+            jax.random.normal(k1, like.residual.shape, like.residual.dtype),
+            jnp.full(like.flushed.shape, shape[1] - like.group, jnp.int32),
+        )
     return Int4(
         q,
         jax.random.uniform(k2, like.scale.shape, like.scale.dtype, 0.01, 0.2),
@@ -790,7 +865,7 @@ def main(argv: list[str] | None = None) -> None:
     key = jax.random.key(0)
     for b, length, fmt_name in itertools.product(_ints(args.batch), _ints(args.lengths), args.formats.split(",")):
         fmt = kv_cache.parse_format(fmt_name)
-        group = min(fmt.group, d)
+        group = fmt.group  # empty_store clamps an int4 group to D (a kivi4 group counts tokens)
         shape = (b, length, kv_heads, d)  # [B, S, K, D]
         nbytes = _cache_bytes(b, length, fmt_name, kv_heads, d)  # all L slots are visible
         copies = 1 if args.interpret else -(-(256 << 20) // nbytes)
@@ -812,7 +887,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"XLA reference, B={b} L={length} {fmt_name}: {type(e).__name__}: {str(e)[:200]}")
         kinds = ["dense" if side in kv_cache.DENSE_DTYPES else side for side in (fmt.k, fmt.v)]
         for knobs in knob_sets:
-            cfg = resolve_config(*kinds, b, kv_heads, length, *knobs)
+            cfg = resolve_config(*kinds, b, kv_heads, length, *knobs, token_group=fmt.group)
             kernel = functools.partial(flash_decode, **dataclasses.asdict(cfg), interpret=args.interpret)
             fn = lambda q, k, v: kernel(q, k, v, pos)  # noqa: E731
             try:
@@ -861,7 +936,7 @@ def main(argv: list[str] | None = None) -> None:
 def _cache_bytes(batch: int, length: int, fmt_name: str, kv_heads: int, head_dim: int) -> int:
     """Bytes of K and V (data, scales, zeros) of a [B, L, K, D] cache in format `fmt_name`."""
     fmt = kv_cache.parse_format(fmt_name)
-    group = min(fmt.group, head_dim)
+    group = fmt.group  # empty_store clamps an int4 group to D (a kivi4 group counts tokens)
     shape = (batch, length, kv_heads, head_dim)
     stores = jax.eval_shape(lambda: tuple(kv_cache.empty_store(side, shape, group) for side in (fmt.k, fmt.v)))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(stores))

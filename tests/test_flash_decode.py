@@ -36,8 +36,17 @@ from pallas_kernels import on_gpu
 from tests.lowering import assert_lowers_to_triton
 
 
-def make_store(side: str, x: jax.Array, group: int) -> kv_cache.Store:
-    """x [B, S, K, D] float32 in kv_cache side format `side` (real quantization)."""
+def make_store(side: str, x: jax.Array, group: int, lengths: jax.Array | None = None) -> kv_cache.Store:
+    """x [B, S, K, D] float32 in kv_cache side format `side` (real quantization). A kivi4
+    store is written by the cache's own write with the first lengths[b] tokens of each row
+    (all S when None): its flushed groups and residual are what decoding leaves there."""
+    if side == "kivi4":
+        b, s = x.shape[:2]
+        t = jnp.arange(s)[None, :]
+        positions = jnp.where(t < (s if lengths is None else jnp.asarray(lengths)[:, None]), t, -1)  # [B, S]
+        empty = kv_cache.empty_store("kivi4", x.shape, group)
+        layer = kv_cache.LayerCache(k=empty, v=kv_cache.Dense(jnp.zeros(x.shape, jnp.bfloat16)))
+        return kv_cache.write(layer, x, x, positions, impl="xla").k
     if side in kv_cache.DENSE_DTYPES:
         return kv_cache.Dense(x.astype(kv_cache.DENSE_DTYPES[side]))
     if side == "int8":
@@ -57,11 +66,13 @@ def random_kv(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def make_stores(kv_format: str, k: jax.Array, v: jax.Array) -> tuple[kv_cache.Store, kv_cache.Store]:
-    """K and V [B, S, K, D] float32 quantized into the stores of `kv_format`."""
+def make_stores(kv_format: str, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None
+                ) -> tuple[kv_cache.Store, kv_cache.Store]:
+    """K and V [B, S, K, D] float32 quantized into the stores of `kv_format` (a kivi4 K
+    store holding the first lengths[b] tokens of each row)."""
     fmt = kv_cache.parse_format(kv_format)
-    group = min(fmt.group, k.shape[-1])
-    return make_store(fmt.k, k, group), make_store(fmt.v, v, group)
+    group = fmt.group if fmt.k == "kivi4" else min(fmt.group, k.shape[-1])  # kivi4: tokens
+    return make_store(fmt.k, k, group, lengths), make_store(fmt.v, v, min(fmt.group, k.shape[-1]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +110,39 @@ CASES = [
     Case("bf16", 64, 2, 4, 200, (199, 120, 30, -1), 32, 3, sliding_window=50),
     Case("k8v4-g64", 128, 1, 4, 180, (179, 64, 10), 32, 4, sliding_window=33),
     Case("int4-g64", 128, 2, 4, 300, (299, 150, -1)),  # shipped defaults (block_s 256)
+    # kivi4 (block_s = its token group): a residual holding 38 tokens, none (whole groups),
+    # one token, padding; more splits than blocks; a window inside the residual.
+    Case("kivi4-g64", 128, 2, 4, 256, (101, 63, 255, 128, -1), num_splits=3),
+    Case("kivi4-g32", 64, 2, 3, 160, (130, 31, 0), num_splits=8),
+    Case("kivi4-g128", 128, 1, 8, 384, (300, 5, -1), num_splits=2),
+    Case("kivi4-g64", 128, 2, 4, 320, (299, 130, 70), num_splits=4, sliding_window=20),
+    Case("kivi4-g64", 128, 8, 4, 512, (511, 400)),  # shipped defaults
 ]
+
+
+def kivi_oracle_stores(q: jax.Array, k: kv_cache.Kivi4, v: kv_cache.Store) -> tuple[kv_cache.Store, kv_cache.Store]:
+    """Stores for the float32 oracle that score a kivi4 K as the kernel does by design.
+
+    The kernel rounds x = q * scale (per channel and token group, with the softmax scale
+    and odd quarters' 1/16, f) to fp16 once a block, so a quantized slot's score moves by
+    eps_t = sum_c (fp16(x_c) - x_c) n_tc / f_c (log2 units). The returned K, one head per
+    query head in float32, is the dequantized K plus eps_t q / (softmax scale |q|^2): its
+    exact scores are the kernel's. V is repeated to the query heads."""
+    b, h, d = q.shape
+    s, kv_heads, g = k.q.shape[1], k.q.shape[2], k.group
+    rep = h // kv_heads
+    ss = d**-0.5 * fd._LOG2E
+    f = np.where(np.arange(d) // (d // 4) % 2, 1 / 16, 1.0)  # [D]
+    q32 = np.asarray(q, np.float32)  # [B, H, D]
+    x = (q32[:, None] * np.float32(ss)) * (np.repeat(np.asarray(k.scale, np.float32), rep, axis=2) * f)  # [B, S/g, H, D]
+    dx = (x.astype(np.float16).astype(np.float32) - x) / f
+    n = np.repeat(np.asarray(kv_cache.unpack_int4(k.q), np.float32), rep, axis=2)  # [B, S, H, D]
+    eps = np.einsum("bjhd,bjthd->bjth", dx, n.reshape(b, s // g, g, h, d)).reshape(b, s, h)  # [B, S, H]
+    eps = np.where(np.arange(s)[None, :, None] < np.asarray(k.flushed)[:, None, None], eps, 0)  # residual: exact
+    dense = np.repeat(np.asarray(kv_cache.decode_store(k, jnp.float32)), rep, axis=2)  # [B, S, H, D]
+    along_q = q32 / (ss * np.sum(q32**2, axis=-1, keepdims=True))  # [B, H, D]
+    k_oracle = kv_cache.Dense(jnp.asarray(dense + eps[..., None] * along_q[:, None]))
+    return k_oracle, jax.tree.map(lambda a: jnp.repeat(a, rep, axis=2), v)
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
@@ -125,7 +168,8 @@ MODES = ["interpret"] + (["gpu"] if on_gpu() else [])
 def test_matches_float32_oracle(case: Case, mode: str, transposed: int):
     seed = CASES.index(case)
     b, h, d = len(case.positions), case.kv_heads * case.g, case.head_dim
-    k, v = make_stores(case.kv_format, *random_kv((b, case.max_len, case.kv_heads, d), seed))
+    lengths = jnp.asarray(case.positions) + 1
+    k, v = make_stores(case.kv_format, *random_kv((b, case.max_len, case.kv_heads, d), seed), lengths)
     q_dtype = jnp.float16 if case.kv_format == "fp16" else jnp.bfloat16
     # Scores of standard deviation ~2: peaked softmaxes, so single keys matter.
     q = jnp.asarray(2.0 * np.random.default_rng(seed + 1000).standard_normal((b, h, d)), q_dtype)  # [B, H, D]
@@ -139,7 +183,8 @@ def test_matches_float32_oracle(case: Case, mode: str, transposed: int):
     out = np.asarray(out.astype(jnp.float32))
     assert np.isfinite(out).all(), "non-finite output (padding rows included)"
 
-    want, mean_abs, max_abs = map(np.asarray, oracle(q, k, v, pos, case.sliding_window))
+    k_oracle, v_oracle = kivi_oracle_stores(q, k, v) if isinstance(k, kv_cache.Kivi4) else (k, v)
+    want, mean_abs, max_abs = map(np.asarray, oracle(q, k_oracle, v_oracle, pos, case.sliding_window))
     u = float(jnp.finfo(q_dtype).eps) / 2
     atol = 1e-5
     if q_dtype == jnp.float16:  # probabilities below 2^-14 keep an absolute error <= 2^-25
@@ -162,6 +207,7 @@ MULTI_CASES = [
     (Case("int4-g32", 128, 2, 4, 200, (190, 64, -1), 32, 3), 5),
     (Case("k8v4-g64", 128, 1, 8, 180, (170, 10), 32, 4, sliding_window=33), 4),
     (Case("int8", 128, 8, 4, 300, (250, 3)), 5),  # shipped defaults
+    (Case("kivi4-g64", 128, 2, 4, 256, (120, 60, -1), num_splits=3), 5),  # 60..64: quantized, then the residual
 ]
 
 
@@ -172,17 +218,23 @@ def test_several_queries_match_float32_oracle(case: Case, t: int, mode: str, tra
     """Query i of a row sits at its first position + i and sees the slots up to there."""
     seed = 100 + [c for c, _ in MULTI_CASES].index(case)
     b, h, d = len(case.positions), case.kv_heads * case.g, case.head_dim
-    k, v = make_stores(case.kv_format, *random_kv((b, case.max_len, case.kv_heads, d), seed))
-    q = jnp.asarray(2.0 * np.random.default_rng(seed).standard_normal((b, t, h, d)), jnp.bfloat16)  # [B, T, H, D]
     first = np.array(case.positions, np.int32)
     pos = np.where(first[:, None] >= 0, first[:, None] + np.arange(t, dtype=np.int32), -1)  # [B, T]
+    lengths = jnp.asarray(pos.max(axis=1) + 1)
+    k, v = make_stores(case.kv_format, *random_kv((b, case.max_len, case.kv_heads, d), seed), lengths)
+    q = jnp.asarray(2.0 * np.random.default_rng(seed).standard_normal((b, t, h, d)), jnp.bfloat16)  # [B, T, H, D]
     pos[0, -1] = -1  # a trailing padding query (output unused)
     out = fd.flash_decode(q, k, v, pos, sliding_window=case.sliding_window, block_s=case.block_s,
                           num_splits=case.num_splits, transposed=transposed, interpret=mode == "interpret")
     assert out.shape == (b, t, h, d) and out.dtype == jnp.bfloat16
     out = np.asarray(out.astype(jnp.float32))
     assert np.isfinite(out).all()
-    want, mean_abs, _ = map(np.asarray, oracle(q, k, v, pos, case.sliding_window))
+    if isinstance(k, kv_cache.Kivi4):  # the kivi4 oracle is per query (its K depends on q): one at a time
+        per_query = [oracle(q[:, i], *kivi_oracle_stores(q[:, i], k, v), pos[:, i],
+                            case.sliding_window) for i in range(t)]
+        want, mean_abs = (np.stack([np.asarray(r[j]) for r in per_query], axis=1) for j in (0, 1))
+    else:
+        want, mean_abs, _ = map(np.asarray, oracle(q, k, v, pos, case.sliding_window))
     tol = 1.05 * float(jnp.finfo(jnp.bfloat16).eps) / 2 * (np.abs(want) + mean_abs) + 1e-5
     rows = pos >= 0  # [B, T]: padding rows and queries are only asked to be finite
     err = np.abs(out - want)[rows]
@@ -304,14 +356,15 @@ def test_supports():
 
 # ----------------------------------------------------------------------------- lowering
 
-FORMATS = ("bf16", "fp16", "int8", "int4-g32", "int4-g64", "int4-g128", "k8v4", "k4v8")
+FORMATS = ("bf16", "fp16", "int8", "int4-g32", "int4-g64", "int4-g128", "k8v4", "k4v8", "kivi4-g32", "kivi4-g64",
+           "kivi4-g128")
 
 
 def _assert_lowers(kv_format: str, batch: int, max_len: int, heads: int, kv_heads: int, head_dim: int, **knobs):
-    fmt = kv_cache.parse_format(kv_format)
-    group = min(fmt.group, head_dim)
+    if kv_format.startswith("kivi4"):  # its caches hold whole token groups (kv_cache.create rounds up)
+        max_len = -(-max_len // 128) * 128
     shape = (batch, max_len, kv_heads, head_dim)
-    stores = jax.eval_shape(lambda: tuple(make_store(side, jnp.zeros(shape), group) for side in (fmt.k, fmt.v)))
+    stores = jax.eval_shape(lambda: make_stores(kv_format, jnp.zeros(shape), jnp.zeros(shape)))
     leaves, tree = jax.tree.flatten(stores)
     q_dtype = jnp.float16 if kv_format == "fp16" else jnp.bfloat16
 
@@ -336,13 +389,12 @@ def test_defaults_lower_to_triton(kv_format, head_dim):
     _assert_lowers(kv_format, 1, 32768, 32, 8, head_dim, transposed=1)
 
 
-@pytest.mark.parametrize("kv_format", ["bf16", "int8", "int4-g64"])
+@pytest.mark.parametrize("kv_format", ["bf16", "int8", "int4-g64", "kivi4-g64"])
 @pytest.mark.parametrize("t", [2, 5, 8])
 def test_several_queries_lower_to_triton(kv_format, t):
     """The 8B verify (T = 5 or 8 queries x 4 heads) and the 1B draft's catch-up step (T = 2)."""
-    fmt = kv_cache.parse_format(kv_format)
     shape = (1, 4096, 8, 128)
-    stores = jax.eval_shape(lambda: tuple(make_store(side, jnp.zeros(shape), fmt.group) for side in (fmt.k, fmt.v)))
+    stores = jax.eval_shape(lambda: make_stores(kv_format, jnp.zeros(shape), jnp.zeros(shape)))
     leaves, tree = jax.tree.flatten(stores)
 
     def fn(q, pos, *leaves):
