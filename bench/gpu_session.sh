@@ -23,6 +23,7 @@
 #   bash bench/gpu_session.sh r    flash_decode with several queries (tests compiled), then part q's cost model
 #   bash bench/gpu_session.sh s    flash_decode reading kivi4 keys: tests compiled, 128k beside bf16 and int4, its knobs
 #   bash bench/gpu_session.sh t    kv_quant end to end (8B, batch 8, 32k) with kivi4 beside bf16, int8 and int4
+#   bash bench/gpu_session.sh u    the 128k decode defaults of every format side by side, kivi4 end to end again
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -148,6 +149,11 @@ case "${1:-}" in
     ;;
   t)
     step 300 kv_quant_e2e_kivi python3 bench/kv_quant.py --parts e2e --formats bf16 int8 int4 kivi4-g64 --out "$OUT/"
+    ;;
+  u)
+    step 150 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 10 \
+      --calls 4 --no-reference --formats bf16,int8,int4,kivi4-g64,kivi4-g128
+    step 250 kv_quant_e2e_kivi python3 bench/kv_quant.py --parts e2e --formats bf16 int4 kivi4-g64 --out "$OUT/"
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \

@@ -354,7 +354,7 @@ def _kivi_write(store: Kivi4, x: jax.Array, positions: jax.Array) -> Kivi4:
     count = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)  # [B]
     start = jnp.where(count > 0, positions[:, 0], store.flushed)  # [B]
     base = (start // g) * g  # [B] first position of the window
-    width = -(-(g + t) // g) * g  # W, whole groups covering [base, start + T)
+    width = -(-(g - 1 + t) // g) * g  # W, whole groups covering [base, start + T): start - base < g
     w_pos = base[:, None] + jnp.arange(width)[None, :]  # [B, W]
     rows = jnp.arange(b)[:, None]
 
@@ -381,7 +381,10 @@ def _kivi_write(store: Kivi4, x: jax.Array, positions: jax.Array) -> Kivi4:
     tok_slots = jnp.where(jnp.repeat(complete, g, axis=1) & (w_pos < s), w_pos, s)  # drop the rest
     grp_slots = jnp.where(complete, group_end // g - 1, s // g)
     keep = count == 0  # rows with nothing to write keep their residual
-    residual = jnp.take_along_axis(groups, ((flushed - base) // g)[:, None, None, None, None], axis=1)[:, 0]
+    # The group holding flushed; when the window ends exactly at flushed, no position of the
+    # new residual is written yet and the last group stands in (never read).
+    open_group = jnp.minimum((flushed - base) // g, width // g - 1)
+    residual = jnp.take_along_axis(groups, open_group[:, None, None, None, None], axis=1)[:, 0]
     return Kivi4(
         q=store.q.at[rows, tok_slots].set(packed, mode="drop"),
         scale=store.scale.at[rows, grp_slots].set(scale, mode="drop"),
