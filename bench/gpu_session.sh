@@ -24,6 +24,7 @@
 #   bash bench/gpu_session.sh s    flash_decode reading kivi4 keys: tests compiled, 128k beside bf16 and int4, its knobs
 #   bash bench/gpu_session.sh t    kv_quant end to end (8B, batch 8, 32k) with kivi4 beside bf16, int8 and int4
 #   bash bench/gpu_session.sh u    the 128k decode defaults of every format side by side, kivi4 end to end again
+#   bash bench/gpu_session.sh v    int4-g64 quantize-and-append: tokens, heads and warps a program at both shapes
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -154,6 +155,10 @@ case "${1:-}" in
     step 150 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 10 \
       --calls 4 --no-reference --formats bf16,int8,int4,kivi4-g64,kivi4-g128
     step 250 kv_quant_e2e_kivi python3 bench/kv_quant.py --parts e2e --formats bf16 int4 kivi4-g64 --out "$OUT/"
+    ;;
+  v)
+    step 280 qa_int4_tiles python3 -m pallas_kernels.quantize_append --budget-s 240 --shapes 1,16384,8,128,32768 \
+      2,2048,32,64,4096 --formats int4-g64 --kv-formats --block-t 2 4 8 --heads 4 8 16 32 --num-warps 2 4 --no-xla
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \
