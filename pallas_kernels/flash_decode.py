@@ -156,7 +156,7 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
     return Config(
         block_s=block_s,
         num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind)),
-        num_warps=4,
+        num_warps=2 if int4 else 4,
         num_stages=3 if int8 or k_kind == "kivi4" else 2,
         scales_ahead=0 if int8 or int4 else 1,
         transposed=1 if int4 else 0,
