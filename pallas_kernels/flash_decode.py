@@ -68,7 +68,7 @@ PROGRAMS_PER_SM = 4  # target programs in flight per SM when choosing num_splits
 # int8 5 (64-slot blocks in 39 KiB of shared memory: 82 splits at batch 1, 10 at batch 8;
 # 11 splits, just over a wave, measured 676 against 569 us at batch 8), int4 6 (99 splits
 # at batch 1).
-PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 6, "kivi4": 6}
+PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 4, "int4-small-blocks": 6}
 MIN_BLOCKS_PER_SPLIT = 2  # at the longest context, each split walks at least this many blocks
 Q_DTYPES = (jnp.bfloat16, jnp.float16)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: empty splits and rows stay NaN-free
@@ -127,9 +127,9 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int,
     return max(1, min(want, most))
 
 
-def _programs_per_sm(k_kind: str, v_kind: str) -> int | None:
-    if (k_kind, v_kind) == ("kivi4", "int4"):  # the kivi4 format: 4-bit words on both sides
-        return PROGRAMS_PER_SM_QUANT["kivi4"]
+def _programs_per_sm(k_kind: str, v_kind: str, block_s: int) -> int | None:
+    if k_kind in ("int4", "kivi4") and v_kind == "int4":  # 4-bit words on both sides
+        return PROGRAMS_PER_SM_QUANT["int4" if block_s >= 128 else "int4-small-blocks"]
     return PROGRAMS_PER_SM_QUANT.get(k_kind) if k_kind == v_kind else None
 
 
@@ -155,9 +155,9 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
         block_s = token_group
     return Config(
         block_s=block_s,
-        num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind)),
+        num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind, block_s)),
         num_warps=2 if int4 else 4,
-        num_stages=3 if int8 or k_kind == "kivi4" else 2,
+        num_stages=3 if int8 or int4 else 2,
         scales_ahead=0 if int8 or int4 else 1,
         transposed=1 if int4 else 0,
     )
@@ -180,7 +180,7 @@ def resolve_config(
     return Config(
         block_s=block_s,
         num_splits=num_splits or default_num_splits(batch, kv_heads, max_len, block_s,
-                                                    _programs_per_sm(k_kind, v_kind)),
+                                                    _programs_per_sm(k_kind, v_kind, block_s)),
         num_warps=num_warps or cfg.num_warps,
         num_stages=num_stages or cfg.num_stages,
         scales_ahead=cfg.scales_ahead if scales_ahead is None else int(bool(scales_ahead)),

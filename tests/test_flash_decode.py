@@ -316,7 +316,7 @@ def test_default_num_splits_fill_the_gpu():
     assert fd.default_num_splits(1, 8, 8192, 128) == 32
     assert fd.default_num_splits(4, 2, 100, 128) == 1
     # Quantized on both sides: at most one wave of 5 (int8) or 6 (int4) programs per SM.
-    for kind, splits in (("int8", (82, 10)), ("int4", (99, 12))):
+    for kind, splits in (("int8", (82, 10)), ("int4", (66, 8))):
         for batch, want in zip((1, 8), splits):
             cfg = fd.default_config(kind, kind, batch, 8, 131072)
             assert cfg.num_splits == want
