@@ -25,6 +25,8 @@
 #   bash bench/gpu_session.sh t    kv_quant end to end (8B, batch 8, 32k) with kivi4 beside bf16, int8 and int4
 #   bash bench/gpu_session.sh u    the 128k decode defaults of every format side by side, kivi4 end to end again
 #   bash bench/gpu_session.sh v    int4-g64 quantize-and-append: tokens, heads and warps a program at both shapes
+#   bash bench/gpu_session.sh w    4-bit decode at 2 warps and 3 stages (flash_decode.FOUR_BIT_CANDIDATE): its
+#                                  compiled tests, then timed beside the defaults and bf16 at 128k
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -159,6 +161,13 @@ case "${1:-}" in
   v)
     step 280 qa_int4_tiles python3 -m pallas_kernels.quantize_append --budget-s 240 --shapes 1,16384,8,128,32768 \
       2,2048,32,64,4096 --formats int4-g64 --kv-formats --block-t 2 4 8 --heads 4 8 16 32 --num-warps 2 4 --no-xla
+    ;;
+  w)
+    step 200 fd_candidate_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py \
+      -k "gpu and candidate"
+    F="python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 --no-reference"
+    step 130 fd_candidate_b1 $F --batch 1 --formats bf16,int4,kivi4-g64,kivi4-g128 --num-warps 2,4 --num-stages 2,3
+    step 130 fd_candidate_b8 $F --batch 8 --formats bf16,int4,kivi4-g64,kivi4-g128 --num-warps 2,4 --num-stages 2,3
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \

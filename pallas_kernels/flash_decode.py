@@ -68,7 +68,13 @@ PROGRAMS_PER_SM = 4  # target programs in flight per SM when choosing num_splits
 # int8 5 (64-slot blocks in 39 KiB of shared memory: 82 splits at batch 1, 10 at batch 8;
 # 11 splits, just over a wave, measured 676 against 569 us at batch 8), int4 6 (99 splits
 # at batch 1).
-PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 4, "int4-small-blocks": 6}
+PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 6}  # int4: 4-bit words on both sides (int4 or kivi4 keys)
+# 4-bit words on both sides with 2 warps a program and 3 stages measured faster on an H200
+# (session 8 of bench/results/2026-11-27-h200-kv_quant-status.md: int4 at 128k 67.9 / 439.9
+# us of GPU time at batch 1 / 8, with 66 / 8 splits, against 86.4 / 571.8 at the defaults;
+# kivi4-g64 78.4 / 536.6 against 126.5 / 913.5). Their compiled numerics have not run on a
+# GPU yet (`bash bench/gpu_session.sh w`), so they are a knob setting, not the default.
+FOUR_BIT_CANDIDATE = {"num_warps": 2, "num_stages": 3}
 MIN_BLOCKS_PER_SPLIT = 2  # at the longest context, each split walks at least this many blocks
 Q_DTYPES = (jnp.bfloat16, jnp.float16)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: empty splits and rows stay NaN-free
@@ -127,9 +133,9 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int,
     return max(1, min(want, most))
 
 
-def _programs_per_sm(k_kind: str, v_kind: str, block_s: int) -> int | None:
+def _programs_per_sm(k_kind: str, v_kind: str) -> int | None:
     if k_kind in ("int4", "kivi4") and v_kind == "int4":  # 4-bit words on both sides
-        return PROGRAMS_PER_SM_QUANT["int4" if block_s >= 128 else "int4-small-blocks"]
+        return PROGRAMS_PER_SM_QUANT["int4"]
     return PROGRAMS_PER_SM_QUANT.get(k_kind) if k_kind == v_kind else None
 
 
@@ -155,9 +161,9 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
         block_s = token_group
     return Config(
         block_s=block_s,
-        num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind, block_s)),
-        num_warps=2 if int4 else 4,
-        num_stages=3 if int8 or int4 else 2,
+        num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind)),
+        num_warps=4,
+        num_stages=3 if int8 else 2,
         scales_ahead=0 if int8 or int4 else 1,
         transposed=1 if int4 else 0,
     )
@@ -180,7 +186,7 @@ def resolve_config(
     return Config(
         block_s=block_s,
         num_splits=num_splits or default_num_splits(batch, kv_heads, max_len, block_s,
-                                                    _programs_per_sm(k_kind, v_kind, block_s)),
+                                                    _programs_per_sm(k_kind, v_kind)),
         num_warps=num_warps or cfg.num_warps,
         num_stages=num_stages or cfg.num_stages,
         scales_ahead=cfg.scales_ahead if scales_ahead is None else int(bool(scales_ahead)),
