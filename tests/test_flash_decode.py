@@ -369,6 +369,22 @@ def test_supports():
     assert not fd.supports(q, kv_cache.Dense(x), kv_cache.Dense(x))  # fp32 cache
 
 
+def test_kivi4_keys_only_and_a_group_a_block():
+    """A Kivi4 store is taken as K (whole token groups, head_dim >= 64), not as V, and its
+    blocks are its token groups: another block_s is refused, naming it."""
+    b, s, kv_heads, d = 2, 64, 2, 64
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((b, s, kv_heads, d)), jnp.float32)
+    kivi, int4 = make_store("kivi4", x, 32, jnp.array([40, 7])), make_store("int4", x, 32)
+    q = jnp.zeros((b, 4 * kv_heads, d), jnp.bfloat16)
+    assert fd.supports(q, kivi, int4)
+    assert not fd.supports(q, int4, kivi)
+    pos = jnp.array([39, 6], jnp.int32)
+    with pytest.raises(ValueError, match="block_s=64"):
+        fd.flash_decode(q, kivi, int4, pos, block_s=64, interpret=True)
+    with pytest.raises(ValueError, match="read as K"):
+        fd.flash_decode(q, int4, kivi, pos, interpret=True)
+
+
 # ----------------------------------------------------------------------------- lowering
 
 FORMATS = ("bf16", "fp16", "int8", "int4-g32", "int4-g64", "int4-g128", "k8v4", "k4v8", "kivi4-g32", "kivi4-g64",
