@@ -163,11 +163,15 @@ case "${1:-}" in
       2,2048,32,64,4096 --formats int4-g64 --kv-formats --block-t 2 4 8 --heads 4 8 16 32 --num-warps 2 4 --no-xla
     ;;
   w)
-    step 200 fd_candidate_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py \
+    # Run first: the 2-warp, 3-stage setting for 4-bit words (flash_decode.FOUR_BIT_CANDIDATE),
+    # compiled against the float32 oracle; then timed beside the defaults and bf16 at 128k,
+    # and int4 at 64-slot blocks (168-175 registers at 2 warps offline, against 208-255).
+    step 180 fd_candidate_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py \
       -k "gpu and candidate"
     F="python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 --no-reference"
-    step 130 fd_candidate_b1 $F --batch 1 --formats bf16,int4,kivi4-g64,kivi4-g128 --num-warps 2,4 --num-stages 2,3
-    step 130 fd_candidate_b8 $F --batch 8 --formats bf16,int4,kivi4-g64,kivi4-g128 --num-warps 2,4 --num-stages 2,3
+    step 130 fd_candidate_b1 $F --batch 1 --formats bf16,int4,kivi4-g64 --num-warps 2,4 --num-stages 2,3
+    step 130 fd_candidate_b8 $F --batch 8 --formats bf16,int4,kivi4-g64 --num-warps 2,4 --num-stages 2,3
+    step 100 fd_int4_b64 $F --batch 1,8 --formats int4 --block-s 64 --num-warps 2 --num-stages 2,3
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \
