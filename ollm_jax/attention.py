@@ -6,8 +6,8 @@ format and the hardware:
   - decode (one query token per sequence, or a few: T G <= 32 with T a speculative
     verify's width): the split-K Pallas flash-decode kernel
     (`pallas_kernels.flash_decode`), which reads bf16, int8 or int4 K/V (and kivi4
-    keys) directly, on a GPU; the plain-JAX reference on the CPU (or the kernel in interpret mode with
-    impl="pallas", which is how CI tests it);
+    keys) directly, on a GPU; the plain-JAX reference on the CPU (or the kernel in
+    interpret mode with impl="pallas", which is how CI tests it);
   - prefill: `ollm_jax.router.attention`, which picks cuDNN, the block-sparse Pallas
     flash kernel or XLA per pattern, length and card (the reference below for "xla").
 

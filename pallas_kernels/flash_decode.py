@@ -156,9 +156,7 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
     block. Splits: PROGRAMS_PER_SM, PROGRAMS_PER_SM_QUANT."""
     int8 = k_kind == v_kind == "int8"
     int4 = k_kind in ("int4", "kivi4") and v_kind == "int4"
-    block_s = min(64 if int8 else 128, max(16, _pow2_ceil(max_len)))
-    if k_kind == "kivi4":
-        block_s = token_group
+    block_s = token_group if k_kind == "kivi4" else min(64 if int8 else 128, max(16, _pow2_ceil(max_len)))
     return Config(
         block_s=block_s,
         num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind)),
