@@ -25,8 +25,10 @@
 #   bash bench/gpu_session.sh t    kv_quant end to end (8B, batch 8, 32k) with kivi4 beside bf16, int8 and int4
 #   bash bench/gpu_session.sh u    the 128k decode defaults of every format side by side, kivi4 end to end again
 #   bash bench/gpu_session.sh v    int4-g64 quantize-and-append: tokens, heads and warps a program at both shapes
-#   bash bench/gpu_session.sh w    4-bit decode at 2 warps and 3 stages (flash_decode.FOUR_BIT_CANDIDATE): its
-#                                  compiled tests, then timed beside the defaults and bf16 at 128k
+#   bash bench/gpu_session.sh w    4-bit decode at 2 warps and 3 stages (the 4-bit default since session 9): its
+#                                  compiled tests, then timed against 4 warps and bf16 at 128k
+#   bash bench/gpu_session.sh x    every compiled decode test at the defaults, the 128k defaults of every format,
+#                                  4-bit splits around their default
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -163,15 +165,22 @@ case "${1:-}" in
       2,2048,32,64,4096 --formats int4-g64 --kv-formats --block-t 2 4 8 --heads 4 8 16 32 --num-warps 2 4 --no-xla
     ;;
   w)
-    # Run first: the 2-warp, 3-stage setting for 4-bit words (flash_decode.FOUR_BIT_CANDIDATE),
-    # compiled against the float32 oracle; then timed beside the defaults and bf16 at 128k,
-    # and int4 at 64-slot blocks (168-175 registers at 2 warps offline, against 208-255).
+    # The 2-warp, 3-stage setting for 4-bit words (session 8's candidate, the default since
+    # session 9) compiled against the float32 oracle; then timed beside 4 warps, 2 stages and
+    # bf16 at 128k, and int4 at 64-slot blocks (168-175 registers at 2 warps offline, against 208).
     step 180 fd_candidate_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py \
-      -k "gpu and candidate"
+      -k "gpu and (int4 or kivi4)"
     F="python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 --no-reference"
     step 130 fd_candidate_b1 $F --batch 1 --formats bf16,int4,kivi4-g64 --num-warps 2,4 --num-stages 2,3
     step 130 fd_candidate_b8 $F --batch 8 --formats bf16,int4,kivi4-g64 --num-warps 2,4 --num-stages 2,3
     step 100 fd_int4_b64 $F --batch 1,8 --formats int4 --block-s 64 --num-warps 2 --num-stages 2,3
+    ;;
+  x)
+    step 200 fd_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py -k gpu
+    F="python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 --no-reference"
+    step 150 fd_defaults_128k $F --batch 1,8 --formats bf16,int8,int4,kivi4-g64,kivi4-g128
+    step 110 fd_4bit_splits_b1 $F --batch 1 --formats int4,kivi4-g64,kivi4-g128 --num-splits 66,82,99
+    step 110 fd_4bit_splits_b8 $F --batch 8 --formats int4,kivi4-g64,kivi4-g128 --num-splits 8,10,12
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \

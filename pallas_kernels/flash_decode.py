@@ -64,17 +64,13 @@ from ollm_jax.kv_cache import Dense, Int4, Int8, Kivi4, Store
 NUM_SMS = 132  # H100 and H200: the grid is sized to cover this many SMs several times
 PROGRAMS_PER_SM = 4  # target programs in flight per SM when choosing num_splits (bf16, mixed)
 # Quantized on both sides: at most this many programs per SM, so the grid stays within
-# one wave (H200, 128k, session 4 of bench/results/2026-11-27-h200-kv_quant-status.md):
-# int8 5 (64-slot blocks in 39 KiB of shared memory: 82 splits at batch 1, 10 at batch 8;
-# 11 splits, just over a wave, measured 676 against 569 us at batch 8), int4 6 (99 splits
-# at batch 1).
-PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 6}  # int4: 4-bit words on both sides (int4 or kivi4 keys)
-# 4-bit words on both sides with 2 warps a program and 3 stages measured faster on an H200
-# (session 8 of bench/results/2026-11-27-h200-kv_quant-status.md: int4 at 128k 67.9 / 439.9
-# us of GPU time at batch 1 / 8, with 66 / 8 splits, against 86.4 / 571.8 at the defaults;
-# kivi4-g64 78.4 / 536.6 against 126.5 / 913.5). Their compiled numerics have not run on a
-# GPU yet (`bash bench/gpu_session.sh w`), so they are a knob setting, not the default.
-FOUR_BIT_CANDIDATE = {"num_warps": 2, "num_stages": 3}
+# one wave (H200, 128k, bench/results/2026-11-27-h200-kv_quant-status.md): int8 5 (64-slot
+# blocks in 39 KiB of shared memory: 82 splits at batch 1, 10 at batch 8; 11 splits, just
+# over a wave, measured 676 against 569 us at batch 8; session 4); int4 4 (4-bit words on
+# both sides, int4 or kivi4 keys, at 2 warps and 3 stages: 128-slot blocks take 208
+# registers a thread and about 54 KiB of shared memory, so 4 fit an SM: 66 splits at
+# batch 1, 8 at batch 8; sessions 8 and 9).
+PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 4}
 MIN_BLOCKS_PER_SPLIT = 2  # at the longest context, each split walks at least this many blocks
 Q_DTYPES = (jnp.bfloat16, jnp.float16)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: empty splits and rows stay NaN-free
@@ -149,19 +145,21 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
     on an H200 at 128k that measured 79-82 us of GPU time at batch 1 (as with the scales
     a block ahead) and 593 against 634 us at batch 8, where 128-slot blocks took 89-123
     us at batch 1 (bench/results/2026-11-27-h200-kv_quant-status.md, sessions 3 and 4).
-    int4 keeps 128-slot blocks and 2 stages (93-101 us against 97-118 us for 64 slots,
-    batch 1), with scores transposed (K . q^T) and its scales in their own block: 86.5
-    against 90.9 us at batch 1 and 567 against 596 us at batch 8 (session 5; a block
-    ahead, 92-93 and 604-625 us). A Kivi4 K store is read a token group (`token_group`) a
-    block. Splits: PROGRAMS_PER_SM, PROGRAMS_PER_SM_QUANT."""
+    4-bit words on both sides (int4, kivi4 keys) keep 128-slot blocks (93-101 us against
+    97-118 us for 64 slots, batch 1), with scores transposed (K . q^T) and scales in their
+    own block (86.5 against 90.9 us at batch 1, 567 against 596 us at batch 8; session 5),
+    and run 2 warps a program with 3 stages: transposed, the V dot's M is a quarter's 32
+    channels, two mma tiles, so 4 warps repeat each other's work (int4-g64 67.9 and 439.9
+    us at batch 1 and 8 against 86.4 and 571.8; sessions 8 and 9). A Kivi4 K store is read a
+    token group (`token_group`) a block. Splits: PROGRAMS_PER_SM, PROGRAMS_PER_SM_QUANT."""
     int8 = k_kind == v_kind == "int8"
     int4 = k_kind in ("int4", "kivi4") and v_kind == "int4"
     block_s = token_group if k_kind == "kivi4" else min(64 if int8 else 128, max(16, _pow2_ceil(max_len)))
     return Config(
         block_s=block_s,
         num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind)),
-        num_warps=4,
-        num_stages=3 if int8 else 2,
+        num_warps=2 if int4 else 4,
+        num_stages=3 if int8 or int4 else 2,
         scales_ahead=0 if int8 or int4 else 1,
         transposed=1 if int4 else 0,
     )
