@@ -29,6 +29,8 @@
 #                                  compiled tests, then timed against 4 warps and bf16 at 128k
 #   bash bench/gpu_session.sh x    every compiled decode test at the defaults, the 128k defaults of every format,
 #                                  4-bit splits around their default
+#   bash bench/gpu_session.sh y    quantized words loaded unmasked (masked_words=0): compiled tests, 128k timed
+#                                  against masked loads in every format, int8 with scores transposed at 2 warps
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -181,6 +183,13 @@ case "${1:-}" in
     step 150 fd_defaults_128k $F --batch 1,8 --formats bf16,int8,int4,kivi4-g64,kivi4-g128
     step 110 fd_4bit_splits_b1 $F --batch 1 --formats int4,kivi4-g64,kivi4-g128 --num-splits 66,82,99
     step 110 fd_4bit_splits_b8 $F --batch 8 --formats int4,kivi4-g64,kivi4-g128 --num-splits 8,10,12
+    ;;
+  y)
+    step 200 fd_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py -k gpu
+    F="python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 --no-reference"
+    step 170 fd_masked_words $F --batch 1,8 --formats bf16,int8,int4,kivi4-g64,kivi4-g128 --masked-words 0,1
+    step 150 fd_int8_transposed $F --batch 1,8 --formats int8 --transposed 1 --num-warps 2 --block-s 64,128 \
+      --masked-words 0
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \

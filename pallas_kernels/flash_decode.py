@@ -71,6 +71,10 @@ PROGRAMS_PER_SM = 4  # target programs in flight per SM when choosing num_splits
 # registers a thread and about 54 KiB of shared memory, so 4 fit an SM: 66 splits at
 # batch 1, 8 at batch 8; sessions 8 and 9).
 PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 4}
+# 4-bit words on both sides at blocks of <= 64 slots (kivi4-g64 or -g32 keys) take half the
+# shared memory and fewer registers: 6 programs an SM (kivi4-g64 at 128k: 78.6 and 540.9 us
+# with 99 and 12 splits at batch 1 and 8, against 88.4 and 642.5 with 66 and 8; session 9).
+PROGRAMS_PER_SM_4BIT_SMALL_BLOCKS = 6
 MIN_BLOCKS_PER_SPLIT = 2  # at the longest context, each split walks at least this many blocks
 Q_DTYPES = (jnp.bfloat16, jnp.float16)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: empty splits and rows stay NaN-free
@@ -114,6 +118,7 @@ class Config:
     num_stages: int
     scales_ahead: int  # 1: quantized scales load a block ahead (loop-carried); 0: in their block
     transposed: int = 0  # 1: scores as K . q^T, [Ts, Gp] (tokens on the mma's M, query heads on N >= 8)
+    masked_words: int = 0  # 1: quantized words load under the visibility mask; 0: unmasked where S % Ts == 0
 
 
 def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int,
@@ -129,9 +134,9 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int,
     return max(1, min(want, most))
 
 
-def _programs_per_sm(k_kind: str, v_kind: str) -> int | None:
+def _programs_per_sm(k_kind: str, v_kind: str, block_s: int) -> int | None:
     if k_kind in ("int4", "kivi4") and v_kind == "int4":  # 4-bit words on both sides
-        return PROGRAMS_PER_SM_QUANT["int4"]
+        return PROGRAMS_PER_SM_QUANT["int4"] if block_s >= 128 else PROGRAMS_PER_SM_4BIT_SMALL_BLOCKS
     return PROGRAMS_PER_SM_QUANT.get(k_kind) if k_kind == v_kind else None
 
 
@@ -157,11 +162,12 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
     block_s = token_group if k_kind == "kivi4" else min(64 if int8 else 128, max(16, _pow2_ceil(max_len)))
     return Config(
         block_s=block_s,
-        num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind)),
+        num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind, block_s)),
         num_warps=2 if int4 else 4,
         num_stages=3 if int8 or int4 else 2,
         scales_ahead=0 if int8 or int4 else 1,
         transposed=1 if int4 else 0,
+        masked_words=0,
     )
 
 
@@ -169,7 +175,7 @@ def resolve_config(
     k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len: int,
     block_s: int | None = None, num_splits: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, scales_ahead: int | None = None,
-    transposed: int | None = None, token_group: int | None = None,
+    transposed: int | None = None, masked_words: int | None = None, token_group: int | None = None,
 ) -> Config:
     """The knobs given, the defaults for the rest (num_splits follows the block size).
     `token_group`: a Kivi4 K store's group, its block size."""
@@ -182,11 +188,12 @@ def resolve_config(
     return Config(
         block_s=block_s,
         num_splits=num_splits or default_num_splits(batch, kv_heads, max_len, block_s,
-                                                    _programs_per_sm(k_kind, v_kind)),
+                                                    _programs_per_sm(k_kind, v_kind, block_s)),
         num_warps=num_warps or cfg.num_warps,
         num_stages=num_stages or cfg.num_stages,
         scales_ahead=cfg.scales_ahead if scales_ahead is None else int(bool(scales_ahead)),
         transposed=cfg.transposed if transposed is None else int(bool(transposed)),
+        masked_words=cfg.masked_words if masked_words is None else int(bool(masked_words)),
     )
 
 
@@ -286,6 +293,7 @@ def _flash_decode_kernel(
     sm_scale: float,
     scales_ahead: bool,
     transposed: bool,
+    masked_words: bool,
     interpret: bool,
 ):
     n_k, n_v = _NUM_ARRAYS[k_kind], _NUM_ARRAYS[v_kind]
@@ -351,6 +359,16 @@ def _flash_decode_kernel(
 
     # Several queries: row r is the query at pos + r // G, with its own causal (and window) limit.
     q_pos = by_head(pos + jnp.arange(gp) // num_heads_per_kv) if num_queries > 1 else None  # [1, Gp] or [Gp, 1]
+
+    # Quantized words load unmasked (unless `masked_words`) when every block lies inside the
+    # cache (S a multiple of Ts): a slot outside [lo, hi) then holds some integers, finite
+    # whatever their bits, and its scales (and zero points) load masked to 0, so its score
+    # is masked and its V term is 0 * finite. Dense K/V (whose stale slots may hold NaN) and
+    # the scales stay masked.
+    def load_words(ref, vis2):  # ref a [Ts, W] view of a word array
+        if masked_words or max_len % block_s:
+            return plt.load(ref, mask=vis2, other=0)
+        return plt.load(ref)
 
     def int4_layout(refs_):  # (group, chunk C, chunks per quarter, N)
         group = 4 * refs_[0].shape[-1] // refs_[1].shape[-1]
@@ -422,7 +440,7 @@ def _flash_decode_kernel(
         vis2 = visible[:, None]  # [Ts, 1]
         if k_kind == "kivi4":
             group = lax.div(t0, block_s)  # this block's row of per-channel scales
-            words = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0)  # [Ts, Q] u16
+            words = load_words(k_refs[0].at[rows, :], vis2)  # [Ts, Q] u16
             s, offset = None, None
             for e, n_e in enumerate(_int4_words_to_fp16(words, interpret, biased=True)):  # [Ts, Q]: bias + n (16 n)
                 cols = pl.ds(e * quarter, quarter)
@@ -440,14 +458,14 @@ def _flash_decode_kernel(
             k = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D]
             return qk(q, k) * score_scale
         if k_kind == "int8":
-            words = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0)  # [Ts, Q] u32
+            words = load_words(k_refs[0].at[rows, :], vis2)  # [Ts, Q] u32
             k = int8_words_to_fp16(words, interpret, biased=True)  # [Ts, Q] x 4: bias + k
             dots = [qk(q_c, k_c) for q_c, k_c in zip(q_quarters, k)]
             return (dots[0] + dots[1] + dots[2] + dots[3] - by_head(q_bias)) * by_token(k_sc[0])
         # Per group: q . (bias + nibbles) over its quarters and chunks, f32.
         dots = [None] * k_n
         for c in range(k_chunks):
-            words = plt.load(k_refs[0].at[rows, pl.ds(c * k_chunk, k_chunk)], mask=vis2, other=0)  # [Ts, C] u16
+            words = load_words(k_refs[0].at[rows, pl.ds(c * k_chunk, k_chunk)], vis2)  # [Ts, C] u16
             for e, n_e in enumerate(_int4_words_to_fp16(words, interpret, biased=True)):  # [Ts, C]
                 n = (e * quarter + c * k_chunk) // k_group
                 part = qk(q_parts[e, c], n_e)
@@ -479,7 +497,7 @@ def _flash_decode_kernel(
         if v_kind == "int8":
             # Unbiased: removing V's bias after the loop needs sum(p_scaled) a block, which
             # costs what it saves (offline SASS).
-            v = int8_words_to_fp16(plt.load(v_refs[0].at[rows, :], mask=vis2, other=0), interpret)  # [Ts, Q] x 4
+            v = int8_words_to_fp16(load_words(v_refs[0].at[rows, :], vis2), interpret)  # [Ts, Q] x 4
             p_scaled = (p * by_token(v_sc[0])).astype(qdt)  # the V scale on the probabilities
             return tuple(a + pv(p_scaled, v_c) for a, v_c in zip(acc, v))
         p_scaled, z_acc = [], list(acc[4 * v_chunks :])
@@ -489,7 +507,7 @@ def _flash_decode_kernel(
             z_acc[n] = z_acc[n] + jnp.sum(p * by_token(zero), axis=tok_axis)  # [Gp]
         out = list(acc[: 4 * v_chunks])
         for c in range(v_chunks):
-            words = plt.load(v_refs[0].at[rows, pl.ds(c * v_chunk, v_chunk)], mask=vis2, other=0)  # [Ts, C] u16
+            words = load_words(v_refs[0].at[rows, pl.ds(c * v_chunk, v_chunk)], vis2)  # [Ts, C] u16
             for e, n_e in enumerate(_int4_words_to_fp16(words, interpret)):  # [Ts, C]; 16 x for odd e
                 i = 4 * c + e  # int4_parts order; the 1/16 of odd quarters is applied once, after the loop
                 out[i] += pv(p_scaled[(e * quarter + c * v_chunk) // v_group], n_e)
@@ -633,7 +651,7 @@ def supports(q: jax.Array, k: Store, v: Store) -> bool:
 @functools.partial(
     jax.jit,
     static_argnames=("sliding_window", "block_s", "num_splits", "num_warps", "num_stages", "scales_ahead", "transposed",
-                     "interpret"),
+                     "masked_words", "interpret"),
 )
 def flash_decode(
     q: jax.Array,
@@ -648,6 +666,7 @@ def flash_decode(
     num_stages: int | None = None,
     scales_ahead: int | None = None,
     transposed: int | None = None,
+    masked_words: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of one query token per sequence (or T at consecutive positions) over its
@@ -661,7 +680,7 @@ def flash_decode(
         p sees slots s <= p (and s > p - sliding_window); -1 marks a padding row or
         query (finite output, value unused).
       sliding_window: None (all) or the window length.
-      block_s, num_splits, num_warps, num_stages, scales_ahead, transposed: tuning knobs
+      block_s, num_splits, num_warps, num_stages, scales_ahead, transposed, masked_words: tuning knobs
         (`Config`); None picks `default_config` (num_splits from B, K and S to fill 132 SMs).
         A Kivi4 K store's blocks are its token groups: block_s is its group.
       interpret: run the kernel in Pallas interpret mode (CPU tests).
@@ -674,7 +693,7 @@ def flash_decode(
     _, s, kv_heads, _ = _store_arrays(k)[0].shape
     g = h // kv_heads
     cfg = resolve_config(k_kind, v_kind, b, kv_heads, s, block_s, num_splits, num_warps, num_stages, scales_ahead,
-                         transposed, token_group=k.group if k_kind == "kivi4" else None)
+                         transposed, masked_words, token_group=k.group if k_kind == "kivi4" else None)
     gp = max(8 if cfg.transposed else 16, _pow2_ceil(t * g))  # the mma's N (transposed) or M: >= 8 or 16
 
     def cache_spec(x):
@@ -699,6 +718,7 @@ def flash_decode(
         sm_scale=d**-0.5,
         scales_ahead=bool(cfg.scales_ahead),
         transposed=bool(cfg.transposed),
+        masked_words=bool(cfg.masked_words),
         interpret=interpret,
     )
     o, m, l = pl.pallas_call(
@@ -844,6 +864,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-stages", help=knob_help)
     parser.add_argument("--scales-ahead", help=knob_help + " (1 or 0)")
     parser.add_argument("--transposed", help=knob_help + " (1 or 0: scores as K . q^T)")
+    parser.add_argument("--masked-words", help=knob_help + " (1 or 0: quantized words loaded under the mask)")
     parser.add_argument("--samples", type=int, default=30, help="timed runs; the median is reported")
     parser.add_argument("--calls", type=int, default=16, help="kernel calls per timed run (at least enough "
                         "cache copies to cycle through 256 MiB, so repeats do not hit L2)")
@@ -860,9 +881,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{copy_bw / 1e9:.0f} GB/s on {card}")
     h, kv_heads, d = args.heads, args.kv_heads, args.head_dim
     knob_sets = list(itertools.product(*map(_ints, (args.block_s, args.num_splits, args.num_warps, args.num_stages,
-                                                      args.scales_ahead, args.transposed))))
-    headers = ["B", "L", "format", "block_s", "splits", "warps", "stages", "ahead", "T", "us", "GB/s", "% copy", "loop us",
-               "loop % copy", "busy us", "busy % copy", "XLA us", "XLA GB/s", "x XLA", "max|err| vs XLA"]
+                                                      args.scales_ahead, args.transposed, args.masked_words))))
+    headers = ["B", "L", "format", "block_s", "splits", "warps", "stages", "ahead", "T", "MW", "us", "GB/s", "% copy",
+               "loop us", "loop % copy", "busy us", "busy % copy", "XLA us", "XLA GB/s", "x XLA", "max|err| vs XLA"]
     rows, best = [], {}
     key = jax.random.key(0)
     for b, length, fmt_name in itertools.product(_ints(args.batch), _ints(args.lengths), args.formats.split(",")):
@@ -901,7 +922,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             err = "-" if expected is None else f"{float(jnp.max(jnp.abs(got - expected))):.1e}"
             rows.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
-                         cfg.scales_ahead, cfg.transposed,
+                         cfg.scales_ahead, cfg.transposed, cfg.masked_words,
                          f"{t * 1e6:.1f}", f"{nbytes / t / 1e9:.0f}", f"{100 * nbytes / t / copy_bw:.0f}",
                          f"{t_loop * 1e6:.1f}", f"{100 * nbytes / t_loop / copy_bw:.0f}",
                          "-" if busy is None else f"{busy * 1e6:.1f}",
@@ -928,11 +949,11 @@ def main(argv: list[str] | None = None) -> None:
         for (b, length, fmt_name), (t, cfg) in best.items():
             base = best.get((b, length, "bf16"))
             summary.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
-                            cfg.scales_ahead, cfg.transposed,
+                            cfg.scales_ahead, cfg.transposed, cfg.masked_words,
                             f"{t * 1e6:.1f}", f"{100 * _cache_bytes(b, length, fmt_name, kv_heads, d) / t / copy_bw:.0f}",
                             "-" if base is None else f"{base[0] / t:.2f}"])
-        print(common.format_table(["B", "L", "format", "block_s", "splits", "warps", "stages", "ahead", "T", "us", "% copy",
-                                   "x bf16"], summary))
+        print(common.format_table(["B", "L", "format", "block_s", "splits", "warps", "stages", "ahead", "T", "MW", "us",
+                                   "% copy", "x bf16"], summary))
 
 
 def _cache_bytes(batch: int, length: int, fmt_name: str, kv_heads: int, head_dim: int) -> int:

@@ -110,6 +110,12 @@ CASES = [
     Case("bf16", 64, 2, 4, 200, (199, 120, 30, -1), 32, 3, sliding_window=50),
     Case("k8v4-g64", 128, 1, 4, 180, (179, 64, 10), 32, 4, sliding_window=33),
     Case("int4-g64", 128, 2, 4, 300, (299, 150, -1)),  # shipped defaults (block_s 256)
+    # Whole blocks (S a multiple of block_s): quantized words load unmasked, slots past a
+    # row's position (and before its window) are read and must drop out.
+    Case("int8", 128, 2, 4, 256, (200, 63, -1), 64, 2),
+    Case("int4-g64", 128, 2, 4, 256, (255, 130, 7), 32, 3),
+    Case("k8v4-g32", 64, 2, 3, 128, (100, 17), 32, 2),
+    Case("int4-g32", 128, 1, 4, 256, (250, 90), 64, 2, sliding_window=70),
     # kivi4 (block_s = its token group): a residual holding 38 tokens, none (whole groups),
     # one token, padding; more splits than blocks; a window inside the residual.
     Case("kivi4-g64", 128, 2, 4, 256, (101, 63, 255, 128, -1), num_splits=3),
@@ -329,6 +335,48 @@ def test_combine_splits_empty_and_padding():
     assert np.all(np.asarray(empty) == 0)
 
 
+def _stale(store: kv_cache.Store, keep: np.ndarray, seed: int) -> kv_cache.Store:
+    """The store with every slot outside `keep` [B, S] overwritten: words with random bits,
+    scales and zero points with NaN (arrays indexed by slot only; a Kivi4 store's
+    per-group scales and residual stay)."""
+    rng = np.random.default_rng(seed)
+    b, s = keep.shape
+
+    def spoil(x):
+        x = np.asarray(x)
+        if x.shape[:2] != (b, s):
+            return x
+        stale = keep.reshape(b, s, *[1] * (x.ndim - 2)) == 0
+        if np.issubdtype(x.dtype, np.integer):
+            junk = rng.integers(0, np.iinfo(x.dtype).max, x.shape, dtype=x.dtype, endpoint=True)
+        else:
+            junk = np.full(x.shape, np.nan, x.dtype)
+        return np.where(stale, junk, x)
+
+    return jax.tree.map(lambda x: jnp.asarray(spoil(x)), store)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("masked_words", [0, 1])
+@pytest.mark.parametrize("kv_format, window", [("int8", None), ("int4-g64", 40), ("k8v4-g32", None),
+                                               ("kivi4-g32", 40)])
+def test_stale_slots_drop_out(kv_format: str, window: int | None, masked_words: int, mode: str):
+    """Slots no query sees (past its position, before its window) may hold anything, as
+    in a reused cache: with their words random and their scales NaN, the output is the
+    same as with the real values there, bit for bit (the same kernel for both)."""
+    b, s, kv_heads, h, d = 2, 256, 2, 8, 128
+    pos = np.array([150, 70], np.int32)
+    k, v = make_stores(kv_format, *random_kv((b, s, kv_heads, d), 11), jnp.asarray(pos + 1))
+    q = jnp.asarray(np.random.default_rng(12).standard_normal((b, h, d)), jnp.bfloat16)
+    slot = np.arange(s)[None, :]
+    keep = (slot <= pos[:, None]) & (slot > pos[:, None] - (window or s))  # [B, S]
+    kw = dict(block_s=32, num_splits=3, sliding_window=window, masked_words=masked_words, interpret=mode == "interpret")
+    want = fd.flash_decode(q, k, v, pos, **kw)
+    got = fd.flash_decode(q, _stale(k, keep, 1), _stale(v, keep, 2), pos, **kw)
+    assert np.all(np.isfinite(np.asarray(got, np.float32)))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 @pytest.mark.parametrize("kv_format", ["int8", "int4-g32", "k8v4-g64"])
 def test_scales_in_their_block_equal_scales_ahead(kv_format):
     """The `scales_ahead` knob only moves the scale loads: the same outputs up to one bf16
@@ -358,6 +406,9 @@ def test_default_num_splits_fill_the_gpu():
             assert cfg.num_splits == want
             assert batch * 8 * cfg.num_splits <= fd.NUM_SMS * fd.PROGRAMS_PER_SM_QUANT[kind]
     assert fd.default_config("int8", "int4", 1, 8, 131072).num_splits == 66  # mixed: as bf16
+    # 4-bit words at 64-slot blocks (kivi4-g64 keys): 6 programs per SM.
+    assert [fd.default_config("kivi4", "int4", b, 8, 131072, 64).num_splits for b in (1, 8)] == [99, 12]
+    assert [fd.default_config("kivi4", "int4", b, 8, 131072, 128).num_splits for b in (1, 8)] == [66, 8]
 
 
 @pytest.mark.parametrize(
