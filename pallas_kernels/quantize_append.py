@@ -13,9 +13,10 @@ The result equals `ollm_jax.kv_cache.write(..., impl="xla")` bit for bit, on the
 
 - scales: f32 absmax (int8) or max - min (int4) times the f32 constant 1 / 127 or 1 / 15,
   rounded to fp16 (`kv_cache.INV127`, `INV15`);
-- values: multiplied by `kv_cache.reciprocal_fp16(scale)` (the exact f32 reciprocal,
-  computed once per token and head, or per group, with integer operations only: f32
-  division differs between XLA's CPU, XLA's GPU `div.full` and Triton), clipped, then
+- values: multiplied by `kv_cache.reciprocal_fp16(scale)` (the correctly rounded f32
+  reciprocal, once per token and head, or per group: f32 division differs between XLA's
+  CPU, XLA's GPU `div.full` and Triton, so the reference computes it with integer
+  operations and the kernel with one IEEE `rcp.rn.f32`, the same bits), clipped, then
   rounded half to even. Triton lowers no `round`; `_rint` adds 1.5 * 2^23 (after the
   clip, so no compiler can fuse the multiply and the add into an FMA) and reads the
   integer from the low mantissa bits.
@@ -81,7 +82,21 @@ def _rint(y: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(y + _RINT_MAGIC, jnp.int32) - _RINT_MAGIC_BITS
 
 
-def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t: int, heads: int):
+def _reciprocal(scale: jax.Array, interpret: bool) -> jax.Array:
+    """`reciprocal_fp16(scale)`, the correctly rounded f32 1 / scale of fp16 scales >= 0
+    (0 -> 1, inf -> 0): on the GPU one IEEE round-to-nearest `rcp.rn.f32` (the same bits,
+    checked on every fp16 value by tests/test_quantize_append.py) in place of two integer
+    divisions; interpret mode runs `reciprocal_fp16` itself."""
+    if interpret:
+        return reciprocal_fp16(scale)
+    s32 = fp16_to_f32(scale)
+    [inv] = plt.elementwise_inline_asm("rcp.rn.f32 $0, $1;", args=[jnp.where(s32 == 0, 1.0, s32)],
+                                       constraints="=f,f", pack=1,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(s32.shape, jnp.float32)])
+    return inv  # rcp.rn.f32(inf) = 0
+
+
+def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t: int, heads: int, interpret: bool):
     """One store's part of a program: tokens [t0, t0 + R) of sequence b, heads
     [k0, k0 + KH), written at cache rows [p0, p0 + R)."""
     r, kh = block_t, heads
@@ -116,7 +131,7 @@ def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t:
         quarters = [load(c * w, w) for c in range(4)]  # [R, KH, W]: channels j + c * W
         absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=2) for x in quarters])  # [R, KH]
         scale = (absmax * INV127).astype(SCALE_DTYPE)
-        inv = reciprocal_fp16(scale)[:, :, None]
+        inv = _reciprocal(scale, interpret)[:, :, None]
         words = None
         for c, x in enumerate(quarters):  # byte c of each word: its int8 bits
             byte = (_rint(jnp.clip(x * inv, -127.0, 127.0)) & 0xFF) << (8 * c)  # [R, KH, W] int32
@@ -140,14 +155,14 @@ def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t:
                 n = (e0 * w + j * c) // group
                 put_stat(zero_out, zero, n)
                 put_stat(scale_out, scale, n)
-                zero32, inv = fp16_to_f32(zero)[:, :, None], reciprocal_fp16(scale)[:, :, None]
+                zero32, inv = fp16_to_f32(zero)[:, :, None], _reciprocal(scale, interpret)[:, :, None]
                 for e, v in enumerate(members, start=e0):
                     nibble = _rint(jnp.clip((v - zero32) * inv, 0.0, 15.0)) << (4 * e)  # [R, KH, C] int32
                     words = nibble if words is None else words | nibble
             put(q_out, j * c, c, words)  # -> uint16
 
 
-def _kernel(start_ref, count_ref, *refs, parts, block_t: int, heads: int):
+def _kernel(start_ref, count_ref, *refs, parts, block_t: int, heads: int, interpret: bool):
     # start_ref, count_ref: [B] int32 (whole arrays)
     # refs: x of each part [B, T, K, D] (whole arrays), every part's store buffers as
     #   inputs (aliased, unused), then the same buffers as outputs:
@@ -159,7 +174,8 @@ def _kernel(start_ref, count_ref, *refs, parts, block_t: int, heads: int):
     k, i, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start, count = start_ref[b], count_ref[b]
     t0 = i * block_t
-    where = dict(b=b, t0=t0, p0=start + t0, k0=k * heads, count=count, block_t=block_t, heads=heads)
+    where = dict(b=b, t0=t0, p0=start + t0, k0=k * heads, count=count, block_t=block_t, heads=heads,
+                 interpret=interpret)
 
     @pl.when(t0 < count)
     def _():
@@ -233,7 +249,7 @@ def _append_call(stores, xs, start, count, *, block_t, heads, num_warps, num_sta
     num_warps = num_warps or cfg["num_warps"]
     flat = [a for lv in leaves for a in lv]
     n_in = 2 + len(xs)  # start, count, xs
-    kernel = functools.partial(_kernel, parts=tuple(parts), block_t=block_t, heads=heads)
+    kernel = functools.partial(_kernel, parts=tuple(parts), block_t=block_t, heads=heads, interpret=interpret)
     out = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in flat],

@@ -1,7 +1,8 @@
 """Fused quantize-and-append kernel: bit-exact against `kv_cache.write(impl="xla")` in
-interpret mode on the CPU and compiled on a GPU (one store, and K and V in one launch), argument errors, the rounding trick
-and the exact fp16 reciprocal, and deviceless lowering of the shipped configurations to
-Triton."""
+interpret mode on the CPU and compiled on a GPU (one store, and K and V in one launch),
+argument errors, the rounding trick and the exact fp16 reciprocal (the kernel's
+`rcp.rn.f32` against it on a GPU), and deviceless lowering of the shipped configurations
+to Triton."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from ollm_jax import kv_cache
 from pallas_kernels import quantize_append as qa
@@ -183,6 +185,28 @@ def test_reciprocal_fp16_is_exact():
     with np.errstate(divide="ignore"):
         want = np.float32(1) / np.where(s == 0, np.float16(1), s).astype(np.float32)
     want[np.isinf(s)] = 0
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+
+
+def _reciprocal_kernel(s_ref, o_ref):
+    o_ref[...] = qa._reciprocal(s_ref[...], interpret=False)
+
+
+def _reciprocal_call(s):
+    return pl.pallas_call(_reciprocal_kernel, out_shape=jax.ShapeDtypeStruct(s.shape, jnp.float32))(s)
+
+
+def test_kernel_reciprocal_equals_reciprocal_fp16():
+    """On the GPU the kernel takes 1 / scale from one `rcp.rn.f32`: the same bits as
+    `reciprocal_fp16` for every fp16 scale >= 0 (0 -> 1, inf -> 0). On the CPU, its
+    deviceless lowering."""
+    s = np.arange(0, 0x8000, dtype=np.uint16).view(np.float16)  # +0 .. +inf, NaNs left out below
+    s = jnp.asarray(np.where(np.isnan(s), np.float16(1), s).reshape(256, 128))
+    if INTERPRET:
+        assert_lowers_to_triton(_reciprocal_call, jax.ShapeDtypeStruct(s.shape, jnp.float16))
+        return
+    got = np.asarray(jax.jit(_reciprocal_call)(s))
+    want = np.asarray(jax.jit(kv_cache.reciprocal_fp16)(s))
     np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
 
 
