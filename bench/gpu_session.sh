@@ -31,6 +31,8 @@
 #                                  4-bit splits around their default
 #   bash bench/gpu_session.sh y    quantized words loaded unmasked (masked_words=0): compiled tests, 128k timed
 #                                  against masked loads in every format, int8 with scores transposed at 2 warps
+#   bash bench/gpu_session.sh z    the append with rcp.rn.f32: compiled tests, both shapes (and int4 tiles);
+#                                  int8 decode at batch 8, words masked or not, more samples
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -190,6 +192,15 @@ case "${1:-}" in
     step 170 fd_masked_words $F --batch 1,8 --formats bf16,int8,int4,kivi4-g64,kivi4-g128 --masked-words 0,1
     step 150 fd_int8_transposed $F --batch 1,8 --formats int8 --transposed 1 --num-warps 2 --block-s 64,128 \
       --masked-words 0
+    ;;
+  z)
+    step 120 qa_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_quantize_append.py
+    step 150 qa_defaults python3 -m pallas_kernels.quantize_append --budget-s 120 --shapes 1,16384,8,128,32768 \
+      2,2048,32,64,4096 --formats int8 int4-g64 bf16 --kv-formats int8
+    step 150 qa_int4_tiles python3 -m pallas_kernels.quantize_append --budget-s 120 --shapes 1,16384,8,128,32768 \
+      2,2048,32,64,4096 --formats int4-g64 --kv-formats --block-t 2 4 8 --num-warps 2 4 --no-xla
+    step 150 fd_int8_masked_b8 python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 20 --calls 4 \
+      --no-reference --batch 8,1 --formats bf16,int8 --masked-words 0,1
     ;;
   b)
     step 330 spec_lookup python3 bench/speculative.py --part lookup --model "${SMOL_GGUF:-/tmp/spec/smol.gguf}" \
