@@ -18,6 +18,8 @@
 #   bash bench/gpu_session.sh l    gemv_int8: its tests compiled, its tiles / warps beside XLA's dots, the 1B int8 step
 #   bash bench/gpu_session.sh m    gemv_int8 sweep: rows a program (warps following), splits, words a step
 #   bash bench/gpu_session.sh n    gemv_int8 defaults and GLU, the 1B step with all or the MLP/head matrices in int8
+#   bash bench/gpu_session.sh o    the record at the shipped defaults: every format at 128k, batch 1 and 8, then
+#                                  end to end (8B, batch 8, 32k) with bf16, int8, int4, kivi4-g64
 #   bash bench/gpu_session.sh p    gemv_int8 at 1-4 pipeline stages (its fixed cost per call)
 #   bash bench/gpu_session.sh q    speculative cost model, int8 draft, its steps unrolled (fixed draft length)
 #   bash bench/gpu_session.sh r    flash_decode with several queries (tests compiled), then part q's cost model
@@ -192,6 +194,11 @@ case "${1:-}" in
     step 170 fd_masked_words $F --batch 1,8 --formats bf16,int8,int4,kivi4-g64,kivi4-g128 --masked-words 0,1
     step 150 fd_int8_transposed $F --batch 1,8 --formats int8 --transposed 1 --num-warps 2 --block-s 64,128 \
       --masked-words 0
+    ;;
+  o)
+    step 150 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 20 \
+      --calls 4 --no-reference --formats bf16,int8,int4,kivi4-g64,kivi4-g128
+    step 300 kv_quant_e2e python3 bench/kv_quant.py --parts e2e --formats bf16 int8 int4 kivi4-g64 --out "$OUT/"
     ;;
   z)
     step 120 qa_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_quantize_append.py
