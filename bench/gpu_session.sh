@@ -35,6 +35,8 @@
 #                                  against masked loads in every format, int8 with scores transposed at 2 warps
 #   bash bench/gpu_session.sh z    the append with rcp.rn.f32: compiled tests, both shapes (and int4 tiles);
 #                                  int8 decode at batch 8, words masked or not, more samples
+#   bash bench/gpu_session.sh za   the append at its session-9 defaults (one token, one warp a program): compiled
+#                                  tests, both shapes beside XLA
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -194,6 +196,11 @@ case "${1:-}" in
     step 170 fd_masked_words $F --batch 1,8 --formats bf16,int8,int4,kivi4-g64,kivi4-g128 --masked-words 0,1
     step 150 fd_int8_transposed $F --batch 1,8 --formats int8 --transposed 1 --num-warps 2 --block-s 64,128 \
       --masked-words 0
+    ;;
+  za)
+    step 120 qa_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_quantize_append.py
+    step 150 qa_defaults python3 -m pallas_kernels.quantize_append --budget-s 120 --shapes 1,16384,8,128,32768 \
+      2,2048,32,64,4096 --formats int8 int4-g64 bf16 --kv-formats int8
     ;;
   o)
     step 150 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 20 \

@@ -59,14 +59,16 @@ _RINT_MAGIC = np.float32(1.5 * 2**23)
 _RINT_MAGIC_BITS = int(_RINT_MAGIC.view(np.int32))
 
 # Defaults (tunable per call): a program moves a [block_t, heads, D] tile of
-# DEFAULT_BLOCK_T tokens; heads is the largest power of 2 dividing K with
-# heads * D <= DEFAULT_ROW_ELEMS (all 8 heads of Llama-3.1-8B, D = 128). On an H200
-# (session 5, `-s5-d-qa_warps.log`) 4 tokens a program moved a 16k-token append at
-# Llama-3.1-8B heads in 15.9 us (int8; 8 tokens: 18.4) and K+V in 28.9 us (35.0); on the
-# seed's shape [2, 32, 2048, 64] (4 tokens x 32 heads) int8 took 7.4 us either way.
-DEFAULT_BLOCK_T = 4
+# DEFAULT_BLOCK_T tokens with DEFAULT_NUM_WARPS warps; heads is the largest power of 2
+# dividing K with heads * D <= DEFAULT_ROW_ELEMS (all 8 heads of Llama-3.1-8B, D = 128).
+# On an H200 (session 9, `-s9-h-qa_small_tiles.log`, GPU time) one token a program on one
+# warp beat 4 tokens on 4 warps in every format at both benchmark shapes: a 16k-token
+# append at Llama-3.1-8B heads took 12.7 us for int4-g64 (13.9), 13.4 for int8 (15.5) and
+# 26.1 for K+V int8 (29.2); the seed's shape [2, 32, 2048, 64] 7.1 us for int4-g64 (7.7)
+# and 7.2 for int8 (7.8; 6.5 at 4 warps).
+DEFAULT_BLOCK_T = 1
 DEFAULT_ROW_ELEMS = 2048
-DEFAULT_NUM_WARPS = 4
+DEFAULT_NUM_WARPS = 1
 
 
 def _rint(y: jax.Array) -> jax.Array:
