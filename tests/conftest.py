@@ -35,6 +35,15 @@ def batch_prompts(prompts: list[list[int]]) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """Drops jax's compiled programs after each test module. XLA's CPU backend maps
+    memory for every executable it loads; the whole suite in one process (CI) passed
+    the kernel's limit of 65,530 mappings (vm.max_map_count) and segfaulted in a compile."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(cfg, params) of a random float32 Llama with GQA, built from a config dict."""
