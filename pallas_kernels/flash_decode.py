@@ -134,8 +134,13 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int,
     return max(1, min(want, most))
 
 
+def _four_bit_words(k_kind: str, v_kind: str) -> bool:
+    """4-bit words on both sides: int4 or kivi4 keys, int4 values."""
+    return k_kind in ("int4", "kivi4") and v_kind == "int4"
+
+
 def _programs_per_sm(k_kind: str, v_kind: str, block_s: int) -> int | None:
-    if k_kind in ("int4", "kivi4") and v_kind == "int4":  # 4-bit words on both sides
+    if _four_bit_words(k_kind, v_kind):
         return PROGRAMS_PER_SM_QUANT["int4"] if block_s >= 128 else PROGRAMS_PER_SM_4BIT_SMALL_BLOCKS
     return PROGRAMS_PER_SM_QUANT.get(k_kind) if k_kind == v_kind else None
 
@@ -158,7 +163,7 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
     us at batch 1 and 8 against 86.4 and 571.8; sessions 8 and 9). A Kivi4 K store is read a
     token group (`token_group`) a block. Splits: PROGRAMS_PER_SM, PROGRAMS_PER_SM_QUANT."""
     int8 = k_kind == v_kind == "int8"
-    int4 = k_kind in ("int4", "kivi4") and v_kind == "int4"
+    int4 = _four_bit_words(k_kind, v_kind)
     block_s = token_group if k_kind == "kivi4" else min(64 if int8 else 128, max(16, _pow2_ceil(max_len)))
     return Config(
         block_s=block_s,

@@ -176,14 +176,13 @@ def _kernel(start_ref, count_ref, *refs, parts, block_t: int, heads: int, interp
     k, i, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start, count = start_ref[b], count_ref[b]
     t0 = i * block_t
-    where = dict(b=b, t0=t0, p0=start + t0, k0=k * heads, count=count, block_t=block_t, heads=heads,
-                 interpret=interpret)
+    where = dict(b=b, t0=t0, p0=start + t0, k0=k * heads, count=count, block_t=block_t, heads=heads)
 
     @pl.when(t0 < count)
     def _():
         j = 0
         for (fmt, group, n), x_ref in zip(parts, xs):
-            _append(fmt, group, x_ref, outs[j:j + n], **where)
+            _append(fmt, group, x_ref, outs[j:j + n], interpret=interpret, **where)
             j += n
 
 
