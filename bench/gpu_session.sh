@@ -37,6 +37,9 @@
 #                                  int8 decode at batch 8, words masked or not, more samples
 #   bash bench/gpu_session.sh za   the append at its session-9 defaults (one token, one warp a program): compiled
 #                                  tests, both shapes beside XLA
+#   bash bench/gpu_session.sh zb   int4 as fp16 subnormals and V words gathered transposed (session 10): every
+#                                  compiled decode test, the 128k defaults of every format
+#   bash bench/gpu_session.sh zc   4-bit decode at one warp a program and 64-slot blocks, splits and stages, at 128k
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -201,6 +204,21 @@ case "${1:-}" in
     step 120 qa_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_quantize_append.py
     step 150 qa_defaults python3 -m pallas_kernels.quantize_append --budget-s 120 --shapes 1,16384,8,128,32768 \
       2,2048,32,64,4096 --formats int8 int4-g64 bf16 --kv-formats int8
+    ;;
+  zb)
+    step 240 fd_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py -k gpu
+    step 200 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 20 \
+      --calls 4 --no-reference --formats bf16,int8,int4,kivi4-g64,kivi4-g128
+    ;;
+  zc)
+    # One warp a program at 64-slot blocks: no cross-warp reductions or barriers, 168 registers
+    # and 11-20 KiB of shared memory (offline), so 8-12 programs an SM; beside the defaults.
+    F="python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 --no-reference"
+    step 100 fd_defaults $F --batch 1,8 --formats bf16,int4,kivi4-g64
+    step 150 fd_4bit_1warp_b1 $F --batch 1 --formats int4,kivi4-g64 --block-s 64 --num-warps 1 --num-stages 2,3 \
+      --num-splits 99,132,165,198
+    step 150 fd_4bit_1warp_b8 $F --batch 8 --formats int4,kivi4-g64 --block-s 64 --num-warps 1 --num-stages 2,3 \
+      --num-splits 12,16,20,24
     ;;
   o)
     step 150 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 20 \

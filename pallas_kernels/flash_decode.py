@@ -235,24 +235,16 @@ PTX_INT8_WORDS_TO_FP16 = tuple(_PTX_INT8_WORDS_TO_FP16.format(
     selector=sel, last="lop3.b32 t, t, mask, magic, 0x6A;\nsub.f16x2 $0, t, magic;") for sel in _INT8_SELECTORS)
 PTX_INT8_WORDS_TO_BIASED_FP16 = tuple(_PTX_INT8_WORDS_TO_FP16.format(
     selector=sel, last="lop3.b32 $0, t, mask, magic, 0x6A;") for sel in _INT8_SELECTORS)
-# int4 words (kv_cache.Int4, uint16; two arrive packed in one 32-bit register): nibble e
-# of each. Nibbles 2 and 3 are first moved down a byte (prmt), then one lop3 masks the
-# nibble in place and ors in 0x64 (nibbles 1 and 3 stay 16x their value) and the
-# subtraction removes 1024: 1.25 instructions a value over the four quarters.
-# The biased variant leaves out the subtraction (fp16 INT4_BIAS + n or + 16 n), for K.
-INT4_BIAS = 1024
-_PTX_INT4_WORDS_TO_FP16 = """{{
-.reg .b32 t, mask, magic;
-mov.b32 mask, {mask};
-mov.b32 magic, 0x64006400;
-{move}
-{last}
-}}"""
-PTX_INT4_WORDS_TO_FP16, PTX_INT4_WORDS_TO_BIASED_FP16 = (tuple(
-    _PTX_INT4_WORDS_TO_FP16.format(mask="0x00F000F0" if e % 2 else "0x000F000F",
-                                   move="prmt.b32 t, $1, $1, 0x3311;" if e >= 2 else "mov.b32 t, $1;", last=last)
-    for e in range(4)
-) for last in ("lop3.b32 t, t, mask, magic, 0xEA;\nsub.f16x2 $0, t, magic;", "lop3.b32 $0, t, mask, magic, 0xEA;"))
+# int4 words (kv_cache.Int4, uint16; two arrive packed in one 32-bit register) become fp16
+# subnormals: fp16 bits m < 1024 read as m * 2^-24, exactly, so masking nibble e in place
+# is the whole conversion, one `and` for two values: n * 2^-24 for even e, 16 n * 2^-24
+# for odd e. Nibbles 2 and 3 first move down a byte (one prmt a register, shared by both):
+# 0.625 instructions a value, with no bias to remove. The dots take the subnormals as
+# they are (tensor cores keep fp16 subnormal operands; the GPU tests compare with the
+# oracle) and INT4_UNIT scales their f32 results back once.
+INT4_UNIT = 2.0**-24  # the value of fp16 bits 1: a converted nibble n is n * INT4_UNIT
+PTX_INT4_HIGH_BYTES = "prmt.b32 $0, $1, $1, 0x3311;"  # each 16-bit word's high byte, in both its bytes
+PTX_INT4_NIBBLES_TO_FP16 = ("and.b32 $0, $1, 0x000F000F;", "and.b32 $0, $1, 0x00F000F0;")  # even, odd e
 
 
 def _words_to_fp16(words: jax.Array, ptx: tuple[str, ...], constraints: str) -> list[jax.Array]:
@@ -271,15 +263,21 @@ def int8_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False) 
     return _words_to_fp16(words, PTX_INT8_WORDS_TO_BIASED_FP16 if biased else PTX_INT8_WORDS_TO_FP16, "=r,r,r")
 
 
-def _int4_words_to_fp16(words: jax.Array, interpret: bool, biased: bool = False) -> list[jax.Array]:
-    """uint16 words [Ts, C] -> the four quarters' nibbles, fp16 [Ts, C] each, exact:
-    n for quarters 0 and 2, 16 n for quarters 1 and 3 (masked in place, no shift); plus
-    INT4_BIAS when `biased`."""
+def _int4_words_to_fp16(words: jax.Array, interpret: bool) -> list[jax.Array]:
+    """uint16 words (any shape) -> the four quarters' nibbles, fp16 each, exact, in units
+    of INT4_UNIT: n for quarters 0 and 2, 16 n for quarters 1 and 3 (masked in place)."""
     if interpret:
-        bias = INT4_BIAS if biased else 0
-        return [(((words >> (8 * (e // 2))) & (0xF0 if e % 2 else 0x0F)).astype(jnp.int32) + bias).astype(jnp.float16)
-                for e in range(4)]
-    return _words_to_fp16(words, PTX_INT4_WORDS_TO_BIASED_FP16 if biased else PTX_INT4_WORDS_TO_FP16, "=r,r")
+        high = (words >> 8) * 0x0101  # as PTX_INT4_HIGH_BYTES (uint16 wraps)
+    else:
+        high = plt.elementwise_inline_asm(PTX_INT4_HIGH_BYTES, args=[words], constraints="=r,r", pack=2,  # Triton
+                                          result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int16)])[0]
+    out = []
+    for e, src in enumerate((words, words, high, high)):
+        if interpret:
+            out.append(lax.bitcast_convert_type(src & (0xF0 if e % 2 else 0x0F), jnp.float16))
+        else:
+            out.append(_words_to_fp16(src, (PTX_INT4_NIBBLES_TO_FP16[e % 2],), "=r,r")[0])
+    return out
 
 
 def _flash_decode_kernel(
@@ -407,7 +405,7 @@ def _flash_decode_kernel(
         if k_kind == "int8":
             k_sc = (vec(k_refs[1]) * score_scale,)
         elif k_kind == "int4":
-            k_sc = tuple(x for sc, z in zip(cols(k_refs[1]), cols(k_refs[2])) for x in (sc * score_scale, z))
+            k_sc = tuple(x for sc, z in zip(cols(k_refs[1]), cols(k_refs[2])) for x in (sc * (score_scale / INT4_UNIT), z))
         if v_kind == "int8":
             v_sc = (vec(v_refs[1]),)
         elif v_kind == "int4":
@@ -419,17 +417,14 @@ def _flash_decode_kernel(
         k_group, k_chunk, k_chunks, k_n = int4_layout(k_refs)
         # Word column c*C.. of quarter e holds channels e*Q + c*C..; channel col is in group col // group.
         q_parts = {(e, c): load_q(pl.ds(col, k_chunk)).astype(qdt) for e, c, col in int4_parts(k_chunks, k_chunk)}
-        # Per group n: q_sum[n] = sum(q) (for the zero points, in score units) and q_bias[n] =
-        # bias * sum of its q parts as dotted: K arrives biased (see INT4_BIAS), removed once
-        # per score. Quarters 1 and 3 arrive as 16 x their nibbles, so their q parts carry the
-        # 1/16 (exact in fp16 for |q| >= 2^-10) and a group's dots add up.
+        # Per group n: q_sum[n] = sum(q), for the zero points, in score units. Quarters 1 and 3
+        # arrive as 16 x their nibbles, so their q parts carry the 1/16 (exact in fp16 for
+        # |q| >= 2^-10) and a group's dots add up.
         q_sum = [jnp.zeros((gp,), f32) for _ in range(k_n)]
-        q_bias = [jnp.zeros((gp,), f32) for _ in range(k_n)]
         for e, c, col in int4_parts(k_chunks, k_chunk):
             q_sum[col // k_group] += jnp.sum(q_parts[e, c].astype(f32), axis=1)
             if e % 2:
                 q_parts[e, c] = q_parts[e, c] * jnp.asarray(0.0625, qdt)
-            q_bias[col // k_group] += INT4_BIAS * jnp.sum(q_parts[e, c].astype(f32), axis=1)
         q_sum = [x * score_scale for x in q_sum]  # [Gp] each
     elif k_kind == "kivi4":
         # Per-channel scales, one row per block (its token group): each block folds them into q
@@ -447,18 +442,17 @@ def _flash_decode_kernel(
             group = lax.div(t0, block_s)  # this block's row of per-channel scales
             words = load_words(k_refs[0].at[rows, :], vis2)  # [Ts, Q] u16
             s, offset = None, None
-            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret, biased=True)):  # [Ts, Q]: bias + n (16 n)
+            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret)):  # [Ts, Q]: n (16 n), in INT4_UNITs
                 cols = pl.ds(e * quarter, quarter)
                 scale = plt.load(k_refs[1].at[group, cols]).astype(f32) * (0.0625 if e % 2 else 1.0)  # [Q]
                 zero = plt.load(k_refs[2].at[group, cols]).astype(f32)  # [Q]
                 q_e = (q_scored[e] * scale[None, :]).astype(qdt)  # [Gp, Q]
                 part = qk(q_e, n_e)
-                # The bias the dot adds (from the same rounded q_e) less the zero points' term,
-                # channel by channel; one sum over the channels after the quarters.
-                off = INT4_BIAS * q_e.astype(f32) - q_scored[e] * zero[None, :]  # [Gp, Q]
+                # The zero points' term, channel by channel; one sum over the channels after the quarters.
+                off = q_scored[e] * zero[None, :]  # [Gp, Q]
                 s = part if s is None else s + part
                 offset = off if offset is None else offset + off
-            return s - by_head(jnp.sum(offset, axis=1))
+            return s * (1 / INT4_UNIT) + by_head(jnp.sum(offset, axis=1))
         if k_kind == "dense":
             k = plt.load(k_refs[0].at[rows, :], mask=vis2, other=0).astype(dt)  # [Ts, D]
             return qk(q, k) * score_scale
@@ -467,18 +461,18 @@ def _flash_decode_kernel(
             k = int8_words_to_fp16(words, interpret, biased=True)  # [Ts, Q] x 4: bias + k
             dots = [qk(q_c, k_c) for q_c, k_c in zip(q_quarters, k)]
             return (dots[0] + dots[1] + dots[2] + dots[3] - by_head(q_bias)) * by_token(k_sc[0])
-        # Per group: q . (bias + nibbles) over its quarters and chunks, f32.
+        # Per group: q . nibbles over its quarters and chunks, f32 in units of INT4_UNIT.
         dots = [None] * k_n
         for c in range(k_chunks):
             words = load_words(k_refs[0].at[rows, pl.ds(c * k_chunk, k_chunk)], vis2)  # [Ts, C] u16
-            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret, biased=True)):  # [Ts, C]
+            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret)):  # [Ts, C]
                 n = (e * quarter + c * k_chunk) // k_group
                 part = qk(q_parts[e, c], n_e)
                 dots[n] = part if dots[n] is None else dots[n] + part
         s = None
         for n in range(k_n):
             scale, zero = k_sc[2 * n], k_sc[2 * n + 1]  # [Ts]
-            term = (dots[n] - by_head(q_bias[n])) * by_token(scale) + by_head(q_sum[n]) * by_token(zero)
+            term = dots[n] * by_token(scale) + by_head(q_sum[n]) * by_token(zero)
             s = term if s is None else s + term
         return s
 
@@ -512,10 +506,19 @@ def _flash_decode_kernel(
             z_acc[n] = z_acc[n] + jnp.sum(p * by_token(zero), axis=tok_axis)  # [Gp]
         out = list(acc[: 4 * v_chunks])
         for c in range(v_chunks):
-            words = load_words(v_refs[0].at[rows, pl.ds(c * v_chunk, v_chunk)], vis2)  # [Ts, C] u16
-            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret)):  # [Ts, C]; 16 x for odd e
-                i = 4 * c + e  # int4_parts order; the 1/16 of odd quarters is applied once, after the loop
-                out[i] += pv(p_scaled[(e * quarter + c * v_chunk) // v_group], n_e)
+            if transposed:  # [C, Ts] u16, gathered transposed (a trans of the tile stops Triton's pipelining)
+                slots = (rows.start + jnp.arange(block_s))[None, :]  # [1, Ts]
+                chans = (c * v_chunk + jnp.arange(v_chunk))[:, None]  # [C, 1]
+                words = load_words(v_refs[0].at[slots, chans], visible[None, :])
+            else:
+                words = load_words(v_refs[0].at[rows, pl.ds(c * v_chunk, v_chunk)], vis2)  # [Ts, C] u16
+            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret)):  # 16 x for odd e, in INT4_UNITs
+                i = 4 * c + e  # int4_parts order; the units (and 1/16 of odd quarters) are applied after the loop
+                p_e = p_scaled[(e * quarter + c * v_chunk) // v_group]
+                if transposed:
+                    out[i] += jnp.dot(n_e, p_e, preferred_element_type=f32)
+                else:
+                    out[i] += pv(p_e, n_e)
         return tuple(out) + tuple(z_acc)
 
     def residual_scores(t0, rows, visible, k_sc):  # a Kivi4 store's residual: slot r holds position t0 + r
@@ -567,7 +570,7 @@ def _flash_decode_kernel(
 
     if v_kind == "int4":
         for i, (e, _, col) in enumerate(int4_parts(v_chunks, v_chunk)):
-            a = acc[i] * 0.0625 if e % 2 else acc[i]
+            a = acc[i] * ((0.0625 if e % 2 else 1.0) / INT4_UNIT)
             z = acc[4 * v_chunks + col // v_group]  # [Gp]: sum(p * zero) of this chunk's group
             store(pl.ds(col, v_chunk), a + by_head(z))  # [Gp, C]
     elif v_kind == "int8":

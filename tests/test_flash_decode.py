@@ -557,18 +557,19 @@ def _fp16x2(*words: int) -> np.ndarray:
 
 
 def test_ptx_int4_word_conversion_exact():
-    """Quarter e's asm turns nibble e of each of two 16-bit words (packed in one register,
-    the first in the low half) into an fp16x2: n for even e, 16 n for odd e (masked in
-    place), exactly (and INT4_BIAS + that, biased), for every nibble value in every position."""
+    """Quarter e's PTX turns nibble e of each of two 16-bit words (packed in one register,
+    the first in the low half) into an fp16x2 subnormal, n (even e) or 16 n (odd e, masked
+    in place) times INT4_UNIT = 2^-24, exactly, for every nibble value in every position;
+    quarters 2 and 3 read the words' high bytes (PTX_INT4_HIGH_BYTES) first."""
     for v in range(16):  # nibble e of the first word is v + e, of the second v + e + 8 (mod 16)
         a = sum(((v + e) % 16) << (4 * e) for e in range(4))
         b = sum(((v + e + 8) % 16) << (4 * e) for e in range(4))
+        high = _emulate_ptx(fd.PTX_INT4_HIGH_BYTES, {"$1": a | b << 16})["$0"]
         for e in range(4):
-            want = np.array([(v + e) % 16, (v + e + 8) % 16], np.float16) * (16 if e % 2 else 1)
-            got = _fp16x2(_emulate_ptx(fd.PTX_INT4_WORDS_TO_FP16[e], {"$1": a | b << 16})["$0"])
-            np.testing.assert_array_equal(got, want)
-            biased = _fp16x2(_emulate_ptx(fd.PTX_INT4_WORDS_TO_BIASED_FP16[e], {"$1": a | b << 16})["$0"])
-            np.testing.assert_array_equal(biased, want + np.float16(fd.INT4_BIAS))
+            want = np.array([(v + e) % 16, (v + e + 8) % 16], np.float32) * (16 if e % 2 else 1) * fd.INT4_UNIT
+            got = _fp16x2(_emulate_ptx(fd.PTX_INT4_NIBBLES_TO_FP16[e % 2], {"$1": high if e >= 2 else a | b << 16})["$0"])
+            np.testing.assert_array_equal(got, want.astype(np.float16))
+            assert np.all(got.astype(np.float32) == want)  # exact: fp16 subnormals are multiples of 2^-24
 
 
 def test_ptx_int8_word_conversion_exact():
