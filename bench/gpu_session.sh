@@ -40,6 +40,11 @@
 #   bash bench/gpu_session.sh zb   int4 as fp16 subnormals and V words gathered transposed (session 10): every
 #                                  compiled decode test, the 128k defaults of every format
 #   bash bench/gpu_session.sh zc   4-bit decode at one warp a program and 64-slot blocks, splits and stages, at 128k
+#   bash bench/gpu_session.sh zd   quantized stores head-major (session 10): compiled decode and append tests,
+#                                  the 128k decode defaults of every format
+#   bash bench/gpu_session.sh ze   head-major: append tiles at both shapes, 4-bit splits at 128k (4-6 programs an SM)
+#   bash bench/gpu_session.sh zf   head-major: the record, every format at 128k, then end to end (as part o);
+#                                  int4 at batch 1 in 64-slot blocks
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -219,6 +224,29 @@ case "${1:-}" in
       --num-splits 99,132,165,198
     step 150 fd_4bit_1warp_b8 $F --batch 8 --formats int4,kivi4-g64 --block-s 64 --num-warps 1 --num-stages 2,3 \
       --num-splits 12,16,20,24
+    ;;
+  zd)
+    step 200 fd_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py -k gpu
+    step 150 qa_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_quantize_append.py
+    step 200 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 20 \
+      --calls 4 --no-reference --formats bf16,int8,int4,kivi4-g64,kivi4-g128
+    ;;
+  ze)
+    step 200 qa_tiles python3 -m pallas_kernels.quantize_append --budget-s 170 --shapes 1,16384,8,128,32768 \
+      2,2048,32,64,4096 --formats int8 int4-g64 --kv-formats int8 --block-t 1 4 8 --heads 1 8 --no-xla
+    step 250 qa_tiles_long python3 -m pallas_kernels.quantize_append --budget-s 220 --shapes 1,16384,8,128,32768 \
+      2,2048,32,64,4096 --formats int8 int4-g64 --kv-formats int8 --block-t 8 16 32 --heads 1 2 --num-warps 1 4 \
+      --no-xla
+    F="python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 --no-reference"
+    step 150 fd_4bit_splits_b1 $F --batch 1 --formats bf16,int4,kivi4-g64 --num-splits 66,82,99
+    step 150 fd_4bit_splits_b8 $F --batch 8 --formats bf16,int4,kivi4-g64 --num-splits 8,10,12
+    ;;
+  zf)
+    step 150 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 20 \
+      --calls 4 --no-reference --formats bf16,int8,int4,kivi4-g64,kivi4-g128
+    step 300 kv_quant_e2e python3 bench/kv_quant.py --parts e2e --formats bf16 int8 int4 kivi4-g64 --out "$OUT/"
+    step 100 fd_int4_b1_blocks python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 \
+      --no-reference --batch 1 --formats int4 --block-s 64 --num-warps 1,2 --num-splits 132,198
     ;;
   o)
     step 150 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 20 \

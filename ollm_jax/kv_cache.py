@@ -13,31 +13,36 @@ The attention dispatch (`ollm_jax.attention`) may also hand a layer's stores to 
 that reads the quantized data directly (`pallas_kernels.flash_decode`).
 
 ## Formats
-Each of K and V is held in one *store*:
+Each of K and V is held in one *store*. Dense stores are token-major, [B, S, K, ...];
+quantized ones are head-major, [B, K, S, ...], so that one KV head's slots are one
+contiguous stretch: the decode kernel reads a head's 64-byte rows of int4 words (128 for
+int8) back to back, where token-major they lie K rows apart and read at about 65% of the
+copy bandwidth on an H200 against 85% (bench/results/2026-11-27-h200-kv_quant-status.md,
+session 10).
 
   Dense(x)               x [B, S, K, D] bf16/fp16/fp32
   Int8(q, scale)         symmetric, a scale per token per KV head:
-                         x[b,s,k,:] ~= n[b,s,k,:] * scale[b,s,k] with int8 n; four values
+                         x[b,s,k,:] ~= n[b,k,s,:] * scale[b,k,s] with int8 n; four values
                          a 32-bit word: byte c of q[..., j] is channel j + c * D/4 (the
-                         four quarters of head_dim), so q is uint32 [B, S, K, D/4];
-                         scale fp16 [B, S, K]. (Words, not bytes: a GPU kernel reads a
+                         four quarters of head_dim), so q is uint32 [B, K, S, D/4];
+                         scale fp16 [B, K, S]. (Words, not bytes: a GPU kernel reads a
                          word and hands four fp16 values to four dots, where a byte
                          array costs a shared-memory load per value.)
   Int4(q, scale, zero)   asymmetric, a scale and zero point per group of `group`
                          consecutive channels of one token and head; four values a 16-bit
                          word: nibble e (bits 4e..4e+3) of q[..., j] is channel j + e * D/4
-                         (the quarters of head_dim, as Int8), so q is uint16 [B, S, K, D/4];
+                         (the quarters of head_dim, as Int8), so q is uint16 [B, K, S, D/4];
                          x[..., d] ~= n[..., d] * scale[..., d // group] + zero[..., d // group]
-                         with n in [0, 15]; scale, zero fp16 [B, S, K, D / group]
+                         with n in [0, 15]; scale, zero fp16 [B, K, S, D / group]
 
   Kivi4(q, scale, zero, residual, flushed)
                          KIVI-style keys: int4 per *channel*, a scale and zero point per
                          channel for each group of `group` consecutive tokens; q packed as
-                         in Int4 (uint16 [B, S, K, D/4]), scale, zero fp16 [B, S/group, K, D]. A token's group can
-                         only be quantized once all its tokens exist, so the most recent
-                         tokens, positions [flushed, flushed + group), stay in full
-                         precision in `residual` [B, group, K, D] (slot p % group) and are
-                         flushed into the quantized store a group at a time.
+                         in Int4 (uint16 [B, K, S, D/4]), scale, zero fp16 [B, K, S/group, D].
+                         A token's group can only be quantized once all its tokens exist,
+                         so the most recent tokens, positions [flushed, flushed + group),
+                         stay in full precision in `residual` [B, K, group, D] (slot
+                         p % group) and are flushed into the quantized store a group at a time.
 
 `kv_format` names: "bf16", "fp16", "fp32" (dense), "int8", "int4", "k8v4" (keys int8,
 values int4), "k4v8", and "kivi4" (Kivi4 keys, Int4 values); int4 and kivi4 sides take a
@@ -128,20 +133,20 @@ def resolve_format(cfg: ModelConfig, kv_format: str | None) -> str:
 
 @struct.dataclass
 class Dense:
-    x: jax.Array  # [B, S, K, D]
+    x: jax.Array  # [B, S, K, D]  (token-major)
 
 
 @struct.dataclass
 class Int8:
-    q: jax.Array  # [B, S, K, D/4] uint32: byte c of word j is channel j + c * D/4, int8
-    scale: jax.Array  # [B, S, K] fp16
+    q: jax.Array  # [B, K, S, D/4] uint32 (head-major): byte c of word j is channel j + c * D/4, int8
+    scale: jax.Array  # [B, K, S] fp16
 
 
 @struct.dataclass
 class Int4:
-    q: jax.Array  # [B, S, K, D/4] uint16: nibble e of word j is channel j + e * D/4
-    scale: jax.Array  # [B, S, K, N] fp16
-    zero: jax.Array  # [B, S, K, N] fp16
+    q: jax.Array  # [B, K, S, D/4] uint16 (head-major): nibble e of word j is channel j + e * D/4
+    scale: jax.Array  # [B, K, S, N] fp16
+    zero: jax.Array  # [B, K, S, N] fp16
 
     @property
     def group(self) -> int:
@@ -150,18 +155,33 @@ class Int4:
 
 @struct.dataclass
 class Kivi4:
-    q: jax.Array  # [B, S, K, D/4] uint16, packed as Int4; S a multiple of the group
-    scale: jax.Array  # [B, S/group, K, D] fp16: per channel, per group of tokens
-    zero: jax.Array  # [B, S/group, K, D] fp16
-    residual: jax.Array  # [B, group, K, D] full precision: positions [flushed, flushed + group)
+    q: jax.Array  # [B, K, S, D/4] uint16 (head-major), packed as Int4; S a multiple of the group
+    scale: jax.Array  # [B, K, S/group, D] fp16: per channel, per group of tokens
+    zero: jax.Array  # [B, K, S/group, D] fp16
+    residual: jax.Array  # [B, K, group, D] full precision: positions [flushed, flushed + group)
     flushed: jax.Array  # [B] int32: positions < flushed are in the quantized store
 
     @property
     def group(self) -> int:
-        return self.residual.shape[1]
+        return self.residual.shape[2]
 
 
 Store = Dense | Int8 | Int4 | Kivi4
+
+
+def slot_axis(store: Store) -> int:
+    """The axis of a store's arrays that counts slots (token groups for Kivi4's scales):
+    1 for a Dense store (token-major), 2 for the quantized ones (head-major)."""
+    return 1 if isinstance(store, Dense) else 2
+
+
+def dims(store: Store) -> tuple[int, int, int, int]:
+    """(B, S, K, D) of the values a store holds, whatever its layout."""
+    data = jax.tree.leaves(store)[0]  # x, or the packed q
+    if isinstance(store, Dense):
+        return data.shape
+    b, k, s, _ = data.shape
+    return b, s, k, head_dim(store)
 
 
 def fp16_to_f32(h: jax.Array) -> jax.Array:
@@ -272,24 +292,26 @@ def dequantize_int4(q: jax.Array, scale: jax.Array, zero: jax.Array, dtype) -> j
 
 
 def empty_store(kind: str, shape: tuple[int, ...], group: int, dtype=jnp.bfloat16) -> Store:
-    """An all-zero store of `kind` for values of `shape` [B, S, K, D]; `dtype` is the
-    full-precision dtype (Kivi4's residual)."""
-    *lead, d = shape
+    """An all-zero store of `kind` for values of `shape` [B, S, K, D] (its arrays in the
+    store's layout: quantized ones head-major); `dtype` is the full-precision dtype (Kivi4's
+    residual)."""
+    d = shape[-1]
     if kind in QUANTIZED and d % 4:
         raise ValueError(f"{kind} stores pack the four quarters of head_dim into words: head_dim {d} is not a "
                          "multiple of 4")
+    b, s, k, _ = shape
     if kind == "kivi4":
-        b, s, k, _ = shape
         return Kivi4(
-            jnp.zeros((b, s, k, d // 4), jnp.uint16),
-            jnp.zeros((b, s // group, k, d), SCALE_DTYPE),
-            jnp.zeros((b, s // group, k, d), SCALE_DTYPE),
-            jnp.zeros((b, group, k, d), dtype),
+            jnp.zeros((b, k, s, d // 4), jnp.uint16),
+            jnp.zeros((b, k, s // group, d), SCALE_DTYPE),
+            jnp.zeros((b, k, s // group, d), SCALE_DTYPE),
+            jnp.zeros((b, k, group, d), dtype),
             jnp.zeros((b,), jnp.int32),
         )
     group = min(group, d)
     if kind in DENSE_DTYPES:
         return Dense(jnp.zeros(shape, DENSE_DTYPES[kind]))
+    lead = (b, k, s)  # head-major
     if kind == "int8":
         return Int8(jnp.zeros((*lead, d // 4), jnp.uint32), jnp.zeros(lead, SCALE_DTYPE))
     return Int4(
@@ -305,40 +327,46 @@ def head_dim(store: Store) -> int:
     return data.shape[-1] * (1 if isinstance(store, Dense) else 4)
 
 
+def _quantize_tokens(store: Int8 | Int4, x: jax.Array) -> tuple[jax.Array, ...]:
+    """x [B, T, K, D] -> the store format's arrays, token-major ([B, T, K, ...])."""
+    return quantize_int8(x) if isinstance(store, Int8) else quantize_int4(x, store.group)
+
+
 def encode(store: Store, x: jax.Array) -> Store:
     """New values x [B, T, K, D] in the format of `store` (a store of T slots)."""
     if isinstance(store, Dense):
         return Dense(x.astype(store.x.dtype))
-    if isinstance(store, Int8):
-        return Int8(*quantize_int8(x))
-    return Int4(*quantize_int4(x, store.group))
+    return type(store)(*(jnp.swapaxes(a, 1, 2) for a in _quantize_tokens(store, x)))
 
 
 def decode_store(store: Store, dtype) -> jax.Array:
-    """The store's values as a dense [B, S, K, D] array of `dtype`."""
+    """The store's values as a dense [B, S, K, D] array of `dtype` (token-major)."""
     if isinstance(store, Dense):
         return store.x.astype(dtype)
     if isinstance(store, Int8):
-        return dequantize_int8(store.q, store.scale, dtype)
-    if isinstance(store, Int4):
-        return dequantize_int4(store.q, store.scale, store.zero, dtype)
-    return _kivi_decode(store, dtype)
+        x = dequantize_int8(store.q, store.scale, dtype)
+    elif isinstance(store, Int4):
+        x = dequantize_int4(store.q, store.scale, store.zero, dtype)
+    else:
+        x = _kivi_decode(store, dtype)
+    return jnp.swapaxes(x, 1, 2)  # [B, K, S, D] -> [B, S, K, D]
 
 
 def _kivi_dequantize(store: Kivi4, dtype) -> jax.Array:
-    """The quantized part of a Kivi4 store, all S slots: [B, S, K, D]."""
+    """The quantized part of a Kivi4 store, all S slots: [B, K, S, D]."""
     g = store.group
-    scale = jnp.repeat(store.scale.astype(jnp.float32), g, axis=1)  # [B, S, K, D]
-    zero = jnp.repeat(store.zero.astype(jnp.float32), g, axis=1)
+    scale = jnp.repeat(store.scale.astype(jnp.float32), g, axis=2)  # [B, K, S, D]
+    zero = jnp.repeat(store.zero.astype(jnp.float32), g, axis=2)
     return (unpack_int4(store.q).astype(jnp.float32) * scale + zero).astype(dtype)
 
 
 def _kivi_decode(store: Kivi4, dtype) -> jax.Array:
-    s = store.q.shape[1]
+    """All S slots of a Kivi4 store, head-major [B, K, S, D]: the residual's where it holds them."""
+    s = store.q.shape[2]
     pos = jnp.arange(s)[None, :]  # [1, S]
     in_residual = (pos >= store.flushed[:, None]) & (pos < store.flushed[:, None] + store.group)  # [B, S]
-    residual = jnp.take(store.residual, pos[0] % store.group, axis=1).astype(dtype)  # [B, S, K, D]
-    return jnp.where(in_residual[:, :, None, None], residual, _kivi_dequantize(store, dtype))
+    residual = jnp.take(store.residual, pos[0] % store.group, axis=2).astype(dtype)  # [B, K, S, D]
+    return jnp.where(in_residual[:, None, :, None], residual, _kivi_dequantize(store, dtype))
 
 
 def _kivi_write(store: Kivi4, x: jax.Array, positions: jax.Array) -> Kivi4:
@@ -350,7 +378,7 @@ def _kivi_write(store: Kivi4, x: jax.Array, positions: jax.Array) -> Kivi4:
     group becomes the residual.
     """
     b, t, _, _ = x.shape
-    g, s = store.group, store.q.shape[1]
+    g, s = store.group, store.q.shape[2]
     count = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)  # [B]
     start = jnp.where(count > 0, positions[:, 0], store.flushed)  # [B]
     base = (start // g) * g  # [B] first position of the window
@@ -362,8 +390,10 @@ def _kivi_write(store: Kivi4, x: jax.Array, positions: jax.Array) -> Kivi4:
     from_new = (new_idx >= 0) & (new_idx < count[:, None])  # [B, W]
     new_vals = x[rows, jnp.clip(new_idx, 0, t - 1)].astype(jnp.float32)  # [B, W, K, D]
     from_res = (w_pos >= store.flushed[:, None]) & ~from_new
-    res_vals = store.residual[rows, w_pos % g].astype(jnp.float32)
-    stored = _kivi_dequantize(store, jnp.float32)[rows, jnp.clip(w_pos, 0, s - 1)]  # roll-back case
+    # Head-major arrays indexed [rows, :, slots] give token-major [B, W, K, ...] (numpy's rule
+    # for advanced indices split by a slice), as are the window and what is set below.
+    res_vals = store.residual[rows, :, w_pos % g].astype(jnp.float32)
+    stored = _kivi_dequantize(store, jnp.float32)[rows, :, jnp.clip(w_pos, 0, s - 1)]  # roll-back case
     window = jnp.where(from_new[..., None, None], new_vals, jnp.where(from_res[..., None, None], res_vals, stored))
 
     *_, k, d = window.shape
@@ -384,12 +414,13 @@ def _kivi_write(store: Kivi4, x: jax.Array, positions: jax.Array) -> Kivi4:
     # The group holding flushed; when the window ends exactly at flushed, no position of the
     # new residual is written yet and the last group stands in (never read).
     open_group = jnp.minimum((flushed - base) // g, width // g - 1)
-    residual = jnp.take_along_axis(groups, open_group[:, None, None, None, None], axis=1)[:, 0]
+    residual = jnp.take_along_axis(groups, open_group[:, None, None, None, None], axis=1)[:, 0]  # [B, g, K, D]
+    residual = jnp.swapaxes(residual, 1, 2).astype(store.residual.dtype)  # [B, K, g, D]
     return Kivi4(
-        q=store.q.at[rows, tok_slots].set(packed, mode="drop"),
-        scale=store.scale.at[rows, grp_slots].set(scale, mode="drop"),
-        zero=store.zero.at[rows, grp_slots].set(zero, mode="drop"),
-        residual=jnp.where(keep[:, None, None, None], store.residual, residual.astype(store.residual.dtype)),
+        q=store.q.at[rows, :, tok_slots].set(packed, mode="drop"),
+        scale=store.scale.at[rows, :, grp_slots].set(scale, mode="drop"),
+        zero=store.zero.at[rows, :, grp_slots].set(zero, mode="drop"),
+        residual=jnp.where(keep[:, None, None, None], store.residual, residual),
         flushed=jnp.where(keep, store.flushed, flushed),
     )
 
@@ -406,7 +437,7 @@ class LayerCache:
 
     @property
     def max_len(self) -> int:
-        return jax.tree.leaves(self.k)[0].shape[1]
+        return dims(self.k)[1]
 
 
 @struct.dataclass
@@ -480,11 +511,15 @@ def _write_store(store: Store, x: jax.Array, positions: jax.Array, impl: str) ->
         from pallas_kernels import quantize_append  # the kernels import this module
 
         return quantize_append.quantize_append(store, x, *_append_range(positions), interpret=not on_gpu())
-    max_len = jax.tree.leaves(store)[0].shape[1]
+    max_len = dims(store)[1]
     # Padding and positions past the end go to index S, which mode="drop" discards.
     slots = jnp.where((positions >= 0) & (positions < max_len), positions, max_len)  # [B, T]
     rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
-    return jax.tree.map(lambda old, new: old.at[rows, slots].set(new, mode="drop"), store, encode(store, x))
+    if isinstance(store, Dense):
+        return Dense(store.x.at[rows, slots].set(x.astype(store.x.dtype), mode="drop"))
+    # Head-major arrays set at [rows, :, slots] take token-major values [B, T, K, ...].
+    new = _quantize_tokens(store, x)
+    return type(store)(*(old.at[rows, :, slots].set(a, mode="drop") for old, a in zip(jax.tree.leaves(store), new)))
 
 
 def write(

@@ -610,16 +610,16 @@ def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str
     for name, store, kind in (("k", k, k_kind), ("v", v, v_kind)):
         data = _store_arrays(store)[0]
         if data.ndim != 4:
-            raise ValueError(f"{name} store data must be [B, S, K, D or D/4], got {data.shape=}")
-        width = kv_cache.head_dim(store)
-        shapes[name] = (*data.shape[:3], width)
+            raise ValueError(f"{name} store data must be [B, S, K, D] (dense) or [B, K, S, D/4], got {data.shape=}")
+        shapes[name] = kv_cache.dims(store)  # (B, S, K, D)
+        width = shapes[name][3]
         if kind == "dense" and data.dtype not in Q_DTYPES:
             raise ValueError(f"dense {name} must be bfloat16 or float16, got {data.dtype=}")
         if kind == "int8" and width < 64:
             raise ValueError(f"{name}: int8 needs head_dim >= 64 (quarters of >= 16 channels), got {width}")
-        if kind == "kivi4" and (name == "v" or width < 64 or data.shape[1] % store.group):
+        if kind == "kivi4" and (name == "v" or width < 64 or shapes[name][1] % store.group):
             raise ValueError(f"{name}: a Kivi4 store (per-channel int4) is read as K with head_dim >= 64 and whole "
-                             f"token groups, got it as {name} with head_dim {width}, {data.shape[1]} slots, "
+                             f"token groups, got it as {name} with head_dim {width}, {shapes[name][1]} slots, "
                              f"group {store.group}")
         if kind == "int4":
             n, group = store.scale.shape[-1], store.group
@@ -682,8 +682,8 @@ def flash_decode(
 
     Args:
       q: [B, H, D] or [B, T, H, D] (T G <= MAX_QUERY_ROWS) bf16/fp16, RoPE applied.
-      k, v: kv_cache stores (Dense bf16/fp16, Int8, Int4; K also Kivi4), data [B, S, K, D
-        or D/4]; slot s holds position s. K and V may be in different formats.
+      k, v: kv_cache stores (Dense bf16/fp16 [B, S, K, D]; Int8, Int4, K also Kivi4, head-major
+        words [B, K, S, D/4]); slot s holds position s. K and V may be in different formats.
       q_positions: [B] (or [B, T]: consecutive, trailing -1s allowed) int32; the query at
         p sees slots s <= p (and s > p - sliding_window); -1 marks a padding row or
         query (finite output, value unused).
@@ -698,18 +698,22 @@ def flash_decode(
     k_kind, v_kind = _check(q, k, v, q_positions, sliding_window)
     b, *lead, h, d = q.shape
     t = lead[0] if lead else 1
-    _, s, kv_heads, _ = _store_arrays(k)[0].shape
+    _, s, kv_heads, _ = kv_cache.dims(k)
     g = h // kv_heads
     cfg = resolve_config(k_kind, v_kind, b, kv_heads, s, block_s, num_splits, num_warps, num_stages, scales_ahead,
                          transposed, masked_words, token_group=k.group if k_kind == "kivi4" else None)
     gp = max(8 if cfg.transposed else 16, _pow2_ceil(t * g))  # the mma's N (transposed) or M: >= 8 or 16
 
-    def cache_spec(x):
+    def cache_specs(store):
         # The whole cache row of one (sequence, KV head); the kernel slices its blocks.
-        if x.ndim == 3:  # int8 scale [B, S, K]
-            return pl.BlockSpec((None, s, None), lambda bi, ki, pi: (bi, 0, ki))
-        # [B, S, K, D or D/4 or N]; Kivi4 scale, zero [B, S/group, K, D] and residual [B, group, K, D]
-        return pl.BlockSpec((None, x.shape[1], None, x.shape[-1]), lambda bi, ki, pi: (bi, 0, ki, 0))
+        if isinstance(store, Dense):  # token-major [B, S, K, D]
+            return [pl.BlockSpec((None, s, None, d), lambda bi, ki, pi: (bi, 0, ki, 0))]
+        # Head-major: int8 scale [B, K, S]; [B, K, S, D/4 or N]; Kivi4 scale, zero [B, K, S/group, D]
+        # and residual [B, K, group, D].
+        def head_row(x):
+            return pl.BlockSpec((None, None, *x.shape[2:]), lambda bi, ki, pi: (bi, ki) + (0,) * (x.ndim - 2))
+
+        return [head_row(x) for x in _store_arrays(store)]
 
     k_arrays, v_arrays = _store_arrays(k), _store_arrays(v)
     flushed = k.flushed.astype(jnp.int32) if k_kind == "kivi4" else jnp.full((b,), s, jnp.int32)  # [B]
@@ -735,7 +739,8 @@ def flash_decode(
         in_specs=[
             pl.BlockSpec((None, 2), lambda bi, ki, pi: (bi, 0)),
             pl.BlockSpec((None, None, gp, d), lambda bi, ki, pi: (bi, ki, 0, 0)),
-            *[cache_spec(x) for x in (*k_arrays, *v_arrays)],
+            *cache_specs(k),
+            *cache_specs(v),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, gp, d), lambda bi, ki, pi: (bi, ki, pi, 0, 0)),

@@ -27,8 +27,10 @@ and positions >= S are not written, exactly as `write` with positions -1 / past 
 
 Layout: one program per (group of `heads` KV heads, block of `block_t` new tokens,
 sequence); it loads a [block_t, heads, D] tile (all heads by default, so the tile is one
-contiguous stretch of x and of the cache) and, for a fused K+V call, does the same for
-V. Triton has no scalar prefetch, so start/count arrive as int32 arrays and x and the
+contiguous stretch of x) and, for a fused K+V call, does the same for V. A dense store is
+token-major like x and takes the tile as it is; quantized stores are head-major
+(`ollm_jax.kv_cache`), so the tile is transposed to [heads, block_t, ...] in registers
+and each head's rows are written as one stretch. Triton has no scalar prefetch, so start/count arrive as int32 arrays and x and the
 cache buffers are whole-array (untiled) refs addressed at dynamic `pl.ds` offsets under
 a row mask (the last token block may run past T; rows past S are dropped). int8 and
 int4 load the four quarters of head_dim (the four values of a word) separately, int4
@@ -52,22 +54,23 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from ollm_jax.kv_cache import (INV15, INV127, SCALE_DTYPE, Dense, Int4, Int8, LayerCache, fp16_to_f32, head_dim,
+from ollm_jax.kv_cache import (INV15, INV127, SCALE_DTYPE, Dense, Int4, Int8, LayerCache, dims, fp16_to_f32,
                                reciprocal_fp16, write)
 
 _RINT_MAGIC = np.float32(1.5 * 2**23)
 _RINT_MAGIC_BITS = int(_RINT_MAGIC.view(np.int32))
 
-# Defaults (tunable per call): a program moves a [block_t, heads, D] tile of
-# DEFAULT_BLOCK_T tokens with DEFAULT_NUM_WARPS warps; heads is the largest power of 2
-# dividing K with heads * D <= DEFAULT_ROW_ELEMS (all 8 heads of Llama-3.1-8B, D = 128).
-# On an H200 (session 9, `-s9-h-qa_small_tiles.log`, GPU time) one token a program on one
-# warp beat 4 tokens on 4 warps in every format at both benchmark shapes: a 16k-token
-# append at Llama-3.1-8B heads took 12.7 us for int4-g64 (13.9), 13.4 for int8 (15.5) and
-# 26.1 for K+V int8 (29.2); the seed's shape [2, 32, 2048, 64] 7.1 us for int4-g64 (7.7)
-# and 7.2 for int8 (7.8; 6.5 at 4 warps).
-DEFAULT_BLOCK_T = 1
-DEFAULT_ROW_ELEMS = 2048
+# Defaults (tunable per call): a program moves a [block_t, heads, D] tile, DEFAULT_BLOCK_T
+# tokens of DEFAULT_HEADS KV head, with DEFAULT_NUM_WARPS warps. Quantized stores are
+# head-major, so one head's block_t rows are one stretch of the cache (its words and its
+# scales). On an H200 (session 10, `-s10-g-qa_tiles_long.log`, GPU time) 16 tokens of one
+# head on one warp was the one setting at >= 70% of copy in every case: a 16k-token append
+# at Llama-3.1-8B heads took 13.1 us for int4-g64, 14.7 for int8 and 27.3 for K+V int8; the
+# seed's shape [2, 32, 2048, 64] 7.2 us for int4-g64, 7.2 for int8 and 13.4 for K+V. (The
+# session-9 tile, one token of all 8 heads, took 18.0 us for int4-g64 at 16k on head-major
+# stores, `-s10-f-qa_tiles.log`.)
+DEFAULT_BLOCK_T = 16
+DEFAULT_HEADS = 1
 DEFAULT_NUM_WARPS = 1
 
 
@@ -102,41 +105,45 @@ def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t:
     """One store's part of a program: tokens [t0, t0 + R) of sequence b, heads
     [k0, k0 + KH), written at cache rows [p0, p0 + R)."""
     r, kh = block_t, heads
-    s_len, d = outs[0].shape[1], x_ref.shape[3]
+    d = x_ref.shape[3]
+    s_len = outs[0].shape[1 if fmt == "dense" else 2]  # dense stores are token-major, the others head-major
     rows = jnp.arange(r, dtype=jnp.int32)  # [R]
     valid = (t0 + rows < count) & (p0 + rows < s_len)  # [R] written rows
-    hs = pl.ds(k0, kh)
+    hs, ts, ps = pl.ds(k0, kh), pl.ds(t0, r), pl.ds(p0, r)
 
     def mask(*shape):  # [R, *shape]
         return lax.broadcast_in_dim(valid, (r, *shape), (0,))
 
-    def load(c0, width):  # new values, channels [c0, c0 + width): [R, KH, width] f32
-        ref = x_ref.at[b, pl.ds(t0, r), hs, pl.ds(c0, width)]
-        return plt.load(ref, mask=mask(kh, width), other=0).astype(jnp.float32)
+    def mask_h(*shape):  # [KH, R, *shape]
+        return lax.broadcast_in_dim(valid, (kh, r, *shape), (1,))
 
-    def put(ref, c0, width, val):  # cache rows [p0, p0 + R), channels [c0, c0 + width)
-        plt.store(ref.at[b, pl.ds(p0, r), hs, pl.ds(c0, width)], val.astype(ref.dtype), mask=mask(kh, width))
+    def load(c0, width):  # new values, channels [c0, c0 + width), head-major: [KH, R, width] f32
+        x = plt.load(x_ref.at[b, ts, hs, pl.ds(c0, width)], mask=mask(kh, width), other=0)  # [R, KH, width]
+        return jnp.swapaxes(x, 0, 1).astype(jnp.float32)
 
-    def put_stat(ref, val, n=None):  # [R, KH] scales or zeros (of int4 group n)
+    def put(ref, c0, width, val):  # [KH, R, width] -> cache rows [p0, p0 + R), channels [c0, c0 + width)
+        plt.store(ref.at[b, hs, ps, pl.ds(c0, width)], val.astype(ref.dtype), mask=mask_h(width))
+
+    def put_stat(ref, val, n=None):  # [KH, R] scales or zeros (of int4 group n)
         if n is None:
-            plt.store(ref.at[b, pl.ds(p0, r), hs], val.astype(ref.dtype), mask=mask(kh))
+            plt.store(ref.at[b, hs, ps], val.astype(ref.dtype), mask=mask_h())
         else:
             put(ref, n, 1, val[:, :, None])
 
-    if fmt == "dense":
+    if fmt == "dense":  # token-major: a plain copy
         [x_out] = outs
-        src = x_ref.at[b, pl.ds(t0, r), hs, pl.ds(0, d)]
-        put(x_out, 0, d, plt.load(src, mask=mask(kh, d), other=0))
+        val = plt.load(x_ref.at[b, ts, hs, pl.ds(0, d)], mask=mask(kh, d), other=0)
+        plt.store(x_out.at[b, ps, hs, pl.ds(0, d)], val.astype(x_out.dtype), mask=mask(kh, d))
     elif fmt == "int8":
         q_out, scale_out = outs
         w = d // 4
-        quarters = [load(c * w, w) for c in range(4)]  # [R, KH, W]: channels j + c * W
-        absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=2) for x in quarters])  # [R, KH]
+        quarters = [load(c * w, w) for c in range(4)]  # [KH, R, W]: channels j + c * W
+        absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=2) for x in quarters])  # [KH, R]
         scale = (absmax * INV127).astype(SCALE_DTYPE)
         inv = _reciprocal(scale, interpret)[:, :, None]
         words = None
         for c, x in enumerate(quarters):  # byte c of each word: its int8 bits
-            byte = (_rint(jnp.clip(x * inv, -127.0, 127.0)) & 0xFF) << (8 * c)  # [R, KH, W] int32
+            byte = (_rint(jnp.clip(x * inv, -127.0, 127.0)) & 0xFF) << (8 * c)  # [KH, R, W] int32
             words = byte if words is None else words | byte
         put(q_out, 0, w, lax.bitcast_convert_type(words, jnp.uint32))
         put_stat(scale_out, scale)
@@ -146,11 +153,11 @@ def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t:
         c = min(group, w)  # channels per chunk: one group, or one quarter of a larger group
         span = max(1, group // w)  # quarters per group (a group wider than a quarter spans several)
         for j in range(w // c):  # word columns [j*C, (j+1)*C): nibble e holds channels e*W + j*C..
-            quarters = [load(e * w + j * c, c) for e in range(4)]  # [R, KH, C] each
+            quarters = [load(e * w + j * c, c) for e in range(4)]  # [KH, R, C] each
             words = None
             for e0 in range(0, 4, span):  # quarters e0 .. e0 + span - 1: one group, one set of statistics
                 members = quarters[e0:e0 + span]
-                mn = functools.reduce(jnp.minimum, [jnp.min(v, axis=2) for v in members])  # [R, KH]
+                mn = functools.reduce(jnp.minimum, [jnp.min(v, axis=2) for v in members])  # [KH, R]
                 mx = functools.reduce(jnp.maximum, [jnp.max(v, axis=2) for v in members])
                 zero = mn.astype(SCALE_DTYPE)
                 scale = ((mx - mn) * INV15).astype(SCALE_DTYPE)
@@ -159,7 +166,7 @@ def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t:
                 put_stat(scale_out, scale, n)
                 zero32, inv = fp16_to_f32(zero)[:, :, None], _reciprocal(scale, interpret)[:, :, None]
                 for e, v in enumerate(members, start=e0):
-                    nibble = _rint(jnp.clip((v - zero32) * inv, 0.0, 15.0)) << (4 * e)  # [R, KH, C] int32
+                    nibble = _rint(jnp.clip((v - zero32) * inv, 0.0, 15.0)) << (4 * e)  # [KH, R, C] int32
                     words = nibble if words is None else words | nibble
             put(q_out, j * c, c, words)  # -> uint16
 
@@ -168,8 +175,8 @@ def _kernel(start_ref, count_ref, *refs, parts, block_t: int, heads: int, interp
     # start_ref, count_ref: [B] int32 (whole arrays)
     # refs: x of each part [B, T, K, D] (whole arrays), every part's store buffers as
     #   inputs (aliased, unused), then the same buffers as outputs:
-    #   dense: x [B, S, K, D];  int8: q [B, S, K, W] uint32, scale [B, S, K] fp16;
-    #   int4: q [B, S, K, W] uint16, scale [B, S, K, N] fp16, zero [B, S, K, N] fp16
+    #   dense: x [B, S, K, D];  head-major int8: q [B, K, S, W] uint32, scale [B, K, S] fp16;
+    #   int4: q [B, K, S, W] uint16, scale [B, K, S, N] fp16, zero [B, K, S, N] fp16
     # parts: ((fmt, group, number of buffers), ...), one per store (K, or K and V)
     xs = refs[:len(parts)]
     outs = refs[len(parts) + sum(p[2] for p in parts):]
@@ -209,10 +216,9 @@ def _check(store, x, start, count):
     if x.ndim != 4:
         raise ValueError(f"x must be [B, T, K, D], got {x.shape=}")
     b, t, k, d = x.shape
-    sb, _, sk = leaves[0].shape[:3]
-    sd = head_dim(store)
+    sb, ss, sk, sd = dims(store)
     if (sb, sk, sd) != (b, k, d):
-        raise ValueError(f"{x.shape=} does not match the store's [B, S, K, D] = {(sb, leaves[0].shape[1], sk, sd)}")
+        raise ValueError(f"{x.shape=} does not match the store's [B, S, K, D] = {(sb, ss, sk, sd)}")
     if start.shape != (b,) or count.shape != (b,):
         raise ValueError(f"start and count must be [B] = [{b}], got {start.shape=} {count.shape=}")
     if not _pow2(d) or (fmt in ("int4", "int8") and d < 4):  # quantized: four quarters
@@ -224,11 +230,8 @@ def _check(store, x, start, count):
 
 def default_config(t: int, k: int, d: int) -> dict[str, int]:
     """The default knobs for x [B, T, K, D]: {"block_t", "heads", "num_warps"}."""
-    heads = k & -k  # the largest power of 2 dividing K
-    while heads > 1 and heads * d > DEFAULT_ROW_ELEMS:
-        heads //= 2
-    block_t = min(DEFAULT_BLOCK_T, pl.next_power_of_2(t))
-    return {"block_t": block_t, "heads": heads, "num_warps": DEFAULT_NUM_WARPS}
+    return {"block_t": min(DEFAULT_BLOCK_T, pl.next_power_of_2(t)), "heads": DEFAULT_HEADS,
+            "num_warps": DEFAULT_NUM_WARPS}
 
 
 def _append_call(stores, xs, start, count, *, block_t, heads, num_warps, num_stages, interpret):
@@ -294,7 +297,7 @@ def quantize_append(
       count: [B] int32 in [0, T], valid tokens of each row (the rest is padding).
       block_t: new tokens per program (power of 2; default DEFAULT_BLOCK_T, at most T
         rounded up to a power of 2).
-      heads: KV heads per program (a power of 2 dividing K; default `default_config`).
+      heads: KV heads per program (a power of 2 dividing K; default DEFAULT_HEADS).
       num_warps, num_stages: Triton launch parameters (default num_warps:
         DEFAULT_NUM_WARPS; the kernel has no loop, so num_stages changes nothing).
       interpret: run the kernel in Pallas interpret mode (CPU).

@@ -49,9 +49,7 @@ def make_store(side: str, x: jax.Array, group: int, lengths: jax.Array | None = 
         return kv_cache.write(layer, x, x, positions, impl="xla").k
     if side in kv_cache.DENSE_DTYPES:
         return kv_cache.Dense(x.astype(kv_cache.DENSE_DTYPES[side]))
-    if side == "int8":
-        return kv_cache.Int8(*kv_cache.quantize_int8(x))
-    return kv_cache.Int4(*kv_cache.quantize_int4(x, group))
+    return kv_cache.encode(kv_cache.empty_store(side, x.shape, group), x)
 
 
 def random_kv(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,20 +133,23 @@ def kivi_oracle_stores(q: jax.Array, k: kv_cache.Kivi4, v: kv_cache.Store) -> tu
     query head in float32, is the dequantized K plus eps_t q / (softmax scale |q|^2): its
     exact scores are the kernel's. V is repeated to the query heads."""
     b, h, d = q.shape
-    s, kv_heads, g = k.q.shape[1], k.q.shape[2], k.group
+    _, s, kv_heads, _ = kv_cache.dims(k)
+    g = k.group
     rep = h // kv_heads
+    k_q, k_scale = (np.swapaxes(np.asarray(a), 1, 2) for a in (k.q, k.scale))  # token-major [B, S or S/g, K, ...]
     ss = d**-0.5 * fd._LOG2E
     f = np.where(np.arange(d) // (d // 4) % 2, 1 / 16, 1.0)  # [D]
     q32 = np.asarray(q, np.float32)  # [B, H, D]
-    x = (q32[:, None] * np.float32(ss)) * (np.repeat(np.asarray(k.scale, np.float32), rep, axis=2) * f)  # [B, S/g, H, D]
+    x = (q32[:, None] * np.float32(ss)) * (np.repeat(k_scale.astype(np.float32), rep, axis=2) * f)  # [B, S/g, H, D]
     dx = (x.astype(np.float16).astype(np.float32) - x) / f
-    n = np.repeat(np.asarray(kv_cache.unpack_int4(k.q), np.float32), rep, axis=2)  # [B, S, H, D]
+    n = np.repeat(np.asarray(kv_cache.unpack_int4(jnp.asarray(k_q)), np.float32), rep, axis=2)  # [B, S, H, D]
     eps = np.einsum("bjhd,bjthd->bjth", dx, n.reshape(b, s // g, g, h, d)).reshape(b, s, h)  # [B, S, H]
     eps = np.where(np.arange(s)[None, :, None] < np.asarray(k.flushed)[:, None, None], eps, 0)  # residual: exact
     dense = np.repeat(np.asarray(kv_cache.decode_store(k, jnp.float32)), rep, axis=2)  # [B, S, H, D]
     along_q = q32 / (ss * np.sum(q32**2, axis=-1, keepdims=True))  # [B, H, D]
     k_oracle = kv_cache.Dense(jnp.asarray(dense + eps[..., None] * along_q[:, None]))
-    return k_oracle, jax.tree.map(lambda a: jnp.repeat(a, rep, axis=2), v)
+    head_axis = 2 if isinstance(v, kv_cache.Dense) else 1  # quantized stores are head-major
+    return k_oracle, jax.tree.map(lambda a: jnp.repeat(a, rep, axis=head_axis), v)
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
@@ -159,7 +160,7 @@ def oracle(q, k, v, pos, sliding_window):
     want = fd.flash_decode_reference(q32, k, v, pos, sliding_window=sliding_window)
     w_abs = jnp.abs(kv_cache.decode_store(v, jnp.float32))  # [B, S, K, D]
     if isinstance(v, kv_cache.Int4):
-        w_abs = w_abs + jnp.repeat(jnp.abs(v.zero.astype(jnp.float32)), v.group, axis=-1)
+        w_abs = w_abs + jnp.swapaxes(jnp.repeat(jnp.abs(v.zero.astype(jnp.float32)), v.group, axis=-1), 1, 2)
     mean_abs = fd.flash_decode_reference(q32, k, kv_cache.Dense(w_abs), pos, sliding_window=sliding_window)
     return want, mean_abs, jnp.max(w_abs)
 

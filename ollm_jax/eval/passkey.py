@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from ollm_jax import generation, kv_cache
@@ -102,13 +103,16 @@ def _prefill_step(params, cfg, tokens, positions, last_index, cache):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len", "kv_format"))
 def _grow(cache: kv_cache.KVCache, cfg: ModelConfig, max_len: int, kv_format: str) -> kv_cache.KVCache:
-    """The cache copied into one of `max_len` slots: each store leaf whose axis 1 counts
-    slots (or slot groups) keeps its prefix; leaves of unchanged shape (kivi4's residual
-    and flush mark) are kept whole."""
+    """The cache copied into one of `max_len` slots: each store leaf keeps its prefix along
+    the one axis that grew (the slot axis, `kv_cache.slot_axis`: slots or slot groups);
+    leaves of unchanged shape (kivi4's residual and flush mark) are kept whole."""
     bigger = kv_cache.create(cfg, cache.batch, max_len, kv_format)
 
     def copy(new, old):
-        return old if new.shape == old.shape else new.at[:, : old.shape[1]].set(old)
+        if new.shape == old.shape:
+            return old
+        [axis] = [i for i, (a, b) in enumerate(zip(new.shape, old.shape)) if a != b]
+        return lax.dynamic_update_slice_in_dim(new, old, 0, axis)
 
     layers = jax.tree.map(copy, bigger.layers, cache.layers)
     return kv_cache.KVCache(layers=layers, lengths=cache.lengths)
