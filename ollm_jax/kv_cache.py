@@ -333,9 +333,14 @@ def _quantize_tokens(store: Int8 | Int4, x: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def encode(store: Store, x: jax.Array) -> Store:
-    """New values x [B, T, K, D] in the format of `store` (a store of T slots)."""
+    """New values x [B, T, K, D] in the format of `store` (a store of T slots; Kivi4: T a
+    multiple of its group, every group quantized)."""
     if isinstance(store, Dense):
         return Dense(x.astype(store.x.dtype))
+    if isinstance(store, Kivi4):
+        b, t = x.shape[:2]
+        empty = empty_store("kivi4", x.shape, store.group, store.residual.dtype)
+        return _kivi_write(empty, x, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
     return type(store)(*(jnp.swapaxes(a, 1, 2) for a in _quantize_tokens(store, x)))
 
 

@@ -135,6 +135,23 @@ def test_kivi_flushes_whole_groups_and_keeps_the_rest_exact():
         assert float(jnp.abs(a[row, :flushed] - x[row, :flushed]).max()) < 0.5
 
 
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "kivi4"])
+def test_encode_is_a_write_into_an_empty_store(kind):
+    """encode(store, x) is the store of T slots that writing x at positions 0..T-1 into an
+    empty one gives (Kivi4: every group flushed), in the store's own layout."""
+    x = jax.random.normal(jax.random.key(5), (2, 32, 2, 16), jnp.float32)
+    empty = kv_cache.empty_store(kind, x.shape, 8, jnp.float32)
+    got = kv_cache.encode(empty, x)
+    layer = kv_cache.write(kv_cache.LayerCache(k=empty, v=empty), x, x, jnp.broadcast_to(jnp.arange(32), (2, 32)),
+                           impl="xla")
+    assert type(got) is type(empty)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(layer.k), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if kind == "kivi4":
+        np.testing.assert_array_equal(got.flushed, [32, 32])
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4", "k8v4", "kivi4-g32"])
 def test_generate_with_quantized_cache_stays_close_to_dense(fmt):
     cfg = _cfg()
