@@ -14,20 +14,24 @@ different one for K and for V) and dequantized in registers:
   after the shared-memory load at one 32-bit load per four values; int8 bytes were
   gathered one load per value into the dot layout.)
 - int4: four nibbles a 16-bit word, one per quarter of head_dim, read as words the same
-  way; nibbles 1 and 3 are masked in place (16 x their value, no shift; the 1/16 goes on
-  q for K and on the output for V), one dot per quarter and chunk of at most one
-  quantization group; scores = sum_n scale_n * (q_n . (bias + nibbles_n) - bias *
-  sum(q_n)) + zero_n * sum(q_n) (K biased as for int8), and for V the group scale
-  multiplies the probabilities and the zero point adds sum(p * zero_n) per group. A
-  token's N group scales (and zeros) arrive in one [Ts, N] load.
+  way and masked in place into fp16 subnormals (n * 2^-24; nibbles 1 and 3 are 16 x
+  their value, the 1/16 going on q for K and on the output for V), one dot per quarter
+  and chunk of at most one quantization group; scores = sum_n scale_n * 2^24 * (q_n .
+  nibbles_n) + zero_n * sum(q_n), and for V the group scale multiplies the probabilities
+  and the zero point adds sum(p * zero_n) per group. A token's N group scales (and
+  zeros) arrive in one [Ts, N] load. Transposed (the int4 default), V's words are
+  gathered as a [C, Ts] tile, the mma's A operand, so Triton pipelines them through
+  shared memory straight into its registers.
 - kivi4 keys (`kv_cache.Kivi4`: int4 words as above, a scale and zero point per channel
   for each group of tokens; block_s is the group): a block's per-channel scales fold
   into q, q_e = fp16(q * scale), so the dots take the nibbles as they are and no per-token
-  work is left: scores = sum_e q_e . (bias + nibbles_e) - bias * sum(q_e) + q . zero. The
-  store's most recent tokens, [flushed, flushed + group), sit in its dense residual, which
-  one split reads as one more block.
-- Integers become fp16 by a magic-number trick in inline PTX, so dots against quantized
-  data run in fp16; dense K/V dot in q's dtype.
+  work is left: scores = 2^24 sum_e q_e . nibbles_e + q . zero. The store's most recent
+  tokens, [flushed, flushed + group), sit in its dense residual, which one split reads as
+  one more block.
+- Integers become fp16 in inline PTX (int8 by a magic-number trick, int4 as subnormals),
+  so dots against quantized data run in fp16; dense K/V dot in q's dtype. Quantized
+  stores are head-major ([B, K, S, ...], `ollm_jax.kv_cache`): a program's rows are one
+  contiguous stretch.
 
 Grid (B, K, P): one program per sequence, KV head and split. All G query heads of a KV
 head (T G rows for T queries, row r the query r // G) share one read of each K/V tile
@@ -67,9 +71,10 @@ PROGRAMS_PER_SM = 4  # target programs in flight per SM when choosing num_splits
 # one wave (H200, 128k, bench/results/2026-11-27-h200-kv_quant-status.md): int8 5 (64-slot
 # blocks in 39 KiB of shared memory: 82 splits at batch 1, 10 at batch 8; 11 splits, just
 # over a wave, measured 676 against 569 us at batch 8; session 4); int4 4 (4-bit words on
-# both sides, int4 or kivi4 keys, at 2 warps and 3 stages: 128-slot blocks take 208
-# registers a thread and about 54 KiB of shared memory, so 4 fit an SM: 66 splits at
-# batch 1, 8 at batch 8; sessions 8 and 9).
+# both sides, int4 or kivi4 keys, at 2 warps and 3 stages: 66 splits at batch 1, 8 at
+# batch 8; sessions 8 and 9. Since session 10 the int4-g64 program takes 160 registers
+# and 42 KiB of shared memory, so 5 would fit, but 82 and 10 splits measured 57.8 and
+# 349.6 us against 55.9 and 337.2 at 66 and 8, `-s10-f-fd_4bit_splits_b*.log`).
 PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 4}
 # 4-bit words on both sides at blocks of <= 64 slots (kivi4-g64 or -g32 keys) take half the
 # shared memory and fewer registers: 6 programs an SM (kivi4-g64 at 128k: 78.6 and 540.9 us
