@@ -45,6 +45,8 @@
 #   bash bench/gpu_session.sh ze   head-major: append tiles at both shapes, 4-bit splits at 128k (4-6 programs an SM)
 #   bash bench/gpu_session.sh zf   head-major: the record, every format at 128k, then end to end (as part o);
 #                                  int4 at batch 1 in 64-slot blocks
+#   bash bench/gpu_session.sh zg   int4 at 64-slot blocks, 8 programs an SM (session 10): compiled decode tests,
+#                                  the 128k defaults of every format, kivi4-g64 at its session-9 splits
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -247,6 +249,14 @@ case "${1:-}" in
     step 300 kv_quant_e2e python3 bench/kv_quant.py --parts e2e --formats bf16 int8 int4 kivi4-g64 --out "$OUT/"
     step 100 fd_int4_b1_blocks python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 \
       --no-reference --batch 1 --formats int4 --block-s 64 --num-warps 1,2 --num-splits 132,198
+    ;;
+  zg)
+    step 200 fd_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py -k gpu
+    step 150 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 20 \
+      --calls 4 --no-reference --formats bf16,int8,int4,kivi4-g64,kivi4-g128
+    F="python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 20 --calls 4 --no-reference"
+    step 60 fd_kivi_splits_b1 $F --batch 1 --formats kivi4-g64 --num-splits 99
+    step 60 fd_kivi_splits_b8 $F --batch 8 --formats kivi4-g64 --num-splits 12
     ;;
   o)
     step 150 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 20 \

@@ -76,10 +76,15 @@ PROGRAMS_PER_SM = 4  # target programs in flight per SM when choosing num_splits
 # and 42 KiB of shared memory, so 5 would fit, but 82 and 10 splits measured 57.8 and
 # 349.6 us against 55.9 and 337.2 at 66 and 8, `-s10-f-fd_4bit_splits_b*.log`).
 PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 4}
-# 4-bit words on both sides at blocks of <= 64 slots (kivi4-g64 or -g32 keys) take half the
-# shared memory and fewer registers: 6 programs an SM (kivi4-g64 at 128k: 78.6 and 540.9 us
-# with 99 and 12 splits at batch 1 and 8, against 88.4 and 642.5 with 66 and 8; session 9).
-PROGRAMS_PER_SM_4BIT_SMALL_BLOCKS = 6
+# 4-bit words on both sides at blocks of <= 64 slots take half the shared memory and fewer
+# registers; programs an SM by the K store's kind. int4 (64-slot blocks by default since
+# session 10; 119 registers and 22 KiB at 2 warps, 3 stages, offline): 8, int4-g64 at 128k
+# took 52.7-53.1 and 334.5-334.8 us busy with 132 and 16 splits at batch 1 and 8, against
+# 56.1 and 336.7 for 128-slot blocks at 66 and 8 (`-s10-j-fd_int4_b64.log`,
+# `-s10-k-fd_defaults_128k.log`). kivi4-g64 or -g32 keys: 6, kivi4-g64 64.1 and 395.9 us
+# with 99 and 12 splits against 79.7 and 512.0 with 132 and 16 (`-s10-k-*`; session 9: 78.6
+# and 540.9 us against 88.4 and 642.5 at 4 programs).
+PROGRAMS_PER_SM_4BIT_SMALL_BLOCKS = {"int4": 8, "kivi4": 6}
 MIN_BLOCKS_PER_SPLIT = 2  # at the longest context, each split walks at least this many blocks
 Q_DTYPES = (jnp.bfloat16, jnp.float16)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: empty splits and rows stay NaN-free
@@ -146,7 +151,7 @@ def _four_bit_words(k_kind: str, v_kind: str) -> bool:
 
 def _programs_per_sm(k_kind: str, v_kind: str, block_s: int) -> int | None:
     if _four_bit_words(k_kind, v_kind):
-        return PROGRAMS_PER_SM_QUANT["int4"] if block_s >= 128 else PROGRAMS_PER_SM_4BIT_SMALL_BLOCKS
+        return PROGRAMS_PER_SM_QUANT["int4"] if block_s >= 128 else PROGRAMS_PER_SM_4BIT_SMALL_BLOCKS[k_kind]
     return PROGRAMS_PER_SM_QUANT.get(k_kind) if k_kind == v_kind else None
 
 
@@ -160,16 +165,17 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
     on an H200 at 128k that measured 79-82 us of GPU time at batch 1 (as with the scales
     a block ahead) and 593 against 634 us at batch 8, where 128-slot blocks took 89-123
     us at batch 1 (bench/results/2026-11-27-h200-kv_quant-status.md, sessions 3 and 4).
-    4-bit words on both sides (int4, kivi4 keys) keep 128-slot blocks (93-101 us against
-    97-118 us for 64 slots, batch 1), with scores transposed (K . q^T) and scales in their
-    own block (86.5 against 90.9 us at batch 1, 567 against 596 us at batch 8; session 5),
-    and run 2 warps a program with 3 stages: transposed, the V dot's M is a quarter's 32
-    channels, two mma tiles, so 4 warps repeat each other's work (int4-g64 67.9 and 439.9
-    us at batch 1 and 8 against 86.4 and 571.8; sessions 8 and 9). A Kivi4 K store is read a
-    token group (`token_group`) a block. Splits: PROGRAMS_PER_SM, PROGRAMS_PER_SM_QUANT."""
+    4-bit words on both sides (int4, kivi4 keys) compute scores transposed (K . q^T) with
+    scales in their own block (86.5 against 90.9 us at batch 1, 567 against 596 us at
+    batch 8; session 5), and run 2 warps a program with 3 stages: transposed, the V dot's
+    M is a quarter's 32 channels, two mma tiles, so 4 warps repeat each other's work
+    (int4-g64 67.9 and 439.9 us at batch 1 and 8 against 86.4 and 571.8; sessions 8 and 9).
+    int4 takes 64-slot blocks on head-major stores (session 10, PROGRAMS_PER_SM_4BIT_SMALL_BLOCKS).
+    A Kivi4 K store is read a token group (`token_group`) a block. Splits: PROGRAMS_PER_SM,
+    PROGRAMS_PER_SM_QUANT."""
     int8 = k_kind == v_kind == "int8"
     int4 = _four_bit_words(k_kind, v_kind)
-    block_s = token_group if k_kind == "kivi4" else min(64 if int8 else 128, max(16, _pow2_ceil(max_len)))
+    block_s = token_group if k_kind == "kivi4" else min(64 if int8 or int4 else 128, max(16, _pow2_ceil(max_len)))
     return Config(
         block_s=block_s,
         num_splits=default_num_splits(batch, kv_heads, max_len, block_s, _programs_per_sm(k_kind, v_kind, block_s)),

@@ -400,14 +400,15 @@ def test_default_num_splits_fill_the_gpu():
     # ... but never fewer than 2 blocks per split at the full cache length.
     assert fd.default_num_splits(1, 8, 8192, 128) == 32
     assert fd.default_num_splits(4, 2, 100, 128) == 1
-    # Quantized on both sides: at most one wave of 5 (int8) or 4 (int4) programs per SM.
-    for kind, splits in (("int8", (82, 10)), ("int4", (66, 8))):
+    # Quantized on both sides: at most one wave of 5 (int8) or, at 64-slot blocks, 8 (int4)
+    # programs per SM.
+    for kind, splits, per_sm in (("int8", (82, 10), 5), ("int4", (132, 16), 8)):
         for batch, want in zip((1, 8), splits):
             cfg = fd.default_config(kind, kind, batch, 8, 131072)
-            assert cfg.num_splits == want
-            assert batch * 8 * cfg.num_splits <= fd.NUM_SMS * fd.PROGRAMS_PER_SM_QUANT[kind]
+            assert cfg.num_splits == want and cfg.block_s == 64
+            assert batch * 8 * cfg.num_splits <= fd.NUM_SMS * per_sm
     assert fd.default_config("int8", "int4", 1, 8, 131072).num_splits == 66  # mixed: as bf16
-    # 4-bit words at 64-slot blocks (kivi4-g64 keys): 6 programs per SM.
+    # kivi4 keys: 6 programs per SM at 64-slot blocks, 4 at 128.
     assert [fd.default_config("kivi4", "int4", b, 8, 131072, 64).num_splits for b in (1, 8)] == [99, 12]
     assert [fd.default_config("kivi4", "int4", b, 8, 131072, 128).num_splits for b in (1, 8)] == [66, 8]
 
