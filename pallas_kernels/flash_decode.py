@@ -893,6 +893,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=16, help="kernel calls per timed run (at least enough "
                         "cache copies to cycle through 256 MiB, so repeats do not hit L2)")
     parser.add_argument("--no-reference", action="store_true", help="skip XLA's reference")
+    parser.add_argument("--kernels", action="store_true", help="also print each call's kernels and their GPU time")
     parser.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (pass tiny --lengths, e.g. 256)")
     args = parser.parse_args(argv)
 
@@ -944,6 +945,10 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as e:  # a knob setting Triton rejects (e.g. too much shared memory)
                 print(f"B={b} L={length} {fmt_name} {cfg}: {type(e).__name__}: {str(e)[:300]}")
                 continue
+            if args.kernels and not args.interpret:  # what a call's busy time is made of
+                one = jax.jit(fn)
+                for r in common.kernel_table(common.device_kernel_events(lambda: one(*arg_sets[0]), reps=5), per=5):
+                    print(f"    {r['us_per']:8.1f} us  {r['calls_per']:.0f}x  {r['kernel'][:90]}")
             err = "-" if expected is None else f"{float(jnp.max(jnp.abs(got - expected))):.1e}"
             rows.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
                          cfg.scales_ahead, cfg.transposed, cfg.masked_words,
