@@ -169,12 +169,6 @@ class Kivi4:
 Store = Dense | Int8 | Int4 | Kivi4
 
 
-def slot_axis(store: Store) -> int:
-    """The axis of a store's arrays that counts slots (token groups for Kivi4's scales):
-    1 for a Dense store (token-major), 2 for the quantized ones (head-major)."""
-    return 1 if isinstance(store, Dense) else 2
-
-
 def dims(store: Store) -> tuple[int, int, int, int]:
     """(B, S, K, D) of the values a store holds, whatever its layout."""
     data = jax.tree.leaves(store)[0]  # x, or the packed q

@@ -278,9 +278,9 @@ def _int4_words_to_fp16(words: jax.Array, interpret: bool) -> list[jax.Array]:
     """uint16 words (any shape) -> the four quarters' nibbles, fp16 each, exact, in units
     of INT4_UNIT: n for quarters 0 and 2, 16 n for quarters 1 and 3 (masked in place)."""
     if interpret:
-        high = (words >> 8) * 0x0101  # as PTX_INT4_HIGH_BYTES (uint16 wraps)
-    else:
-        high = plt.elementwise_inline_asm(PTX_INT4_HIGH_BYTES, args=[words], constraints="=r,r", pack=2,  # Triton
+        high = (words >> 8) * 0x0101  # as PTX_INT4_HIGH_BYTES: the high byte in both bytes
+    else:  # (int16: Triton's asm results are signless integers)
+        high = plt.elementwise_inline_asm(PTX_INT4_HIGH_BYTES, args=[words], constraints="=r,r", pack=2,
                                           result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int16)])[0]
     out = []
     for e, src in enumerate((words, words, high, high)):

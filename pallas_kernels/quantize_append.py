@@ -26,16 +26,17 @@ and positions >= S are not written, exactly as `write` with positions -1 / past 
 `start` must be >= 0 (positions come from the caller's own lengths).
 
 Layout: one program per (group of `heads` KV heads, block of `block_t` new tokens,
-sequence); it loads a [block_t, heads, D] tile (all heads by default, so the tile is one
-contiguous stretch of x) and, for a fused K+V call, does the same for V. A dense store is
-token-major like x and takes the tile as it is; quantized stores are head-major
-(`ollm_jax.kv_cache`), so the tile is transposed to [heads, block_t, ...] in registers
-and each head's rows are written as one stretch. Triton has no scalar prefetch, so start/count arrive as int32 arrays and x and the
-cache buffers are whole-array (untiled) refs addressed at dynamic `pl.ds` offsets under
-a row mask (the last token block may run past T; rows past S are dropped). int8 and
-int4 load the four quarters of head_dim (the four values of a word) separately, int4
-chunk by chunk with one statistics group per chunk (or per span of quarters, for a group
-wider than a quarter), so nothing is reshaped or sliced in registers.
+sequence); it loads a [block_t, heads, D] tile of x (16 tokens of one head by default)
+and, for a fused K+V call, does the same for V. A dense store is token-major like x and
+takes the tile as it is; quantized stores are head-major (`ollm_jax.kv_cache`), so the
+tile is transposed to [heads, block_t, ...] in registers and each head's rows are
+written as one stretch. Triton has no scalar prefetch, so start/count arrive as int32
+arrays and x and the cache buffers are whole-array (untiled) refs addressed at dynamic
+`pl.ds` offsets under a row mask (the last token block may run past T; rows past S are
+dropped). int8 and int4 load the four quarters of head_dim (the four values of a word)
+separately, int4 chunk by chunk with one statistics group per chunk (or per span of
+quarters, for a group wider than a quarter), so nothing is reshaped or sliced in
+registers.
 
 Dimensions: B batch, T new tokens, S cache slots, K KV heads, D head_dim, W = D / 4 (word
 j holds channels j + e * W: byte e of an int8 word, nibble e of an int4 one), N = D / group
