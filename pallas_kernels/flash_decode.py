@@ -279,16 +279,13 @@ def _int4_words_to_fp16(words: jax.Array, interpret: bool) -> list[jax.Array]:
     of INT4_UNIT: n for quarters 0 and 2, 16 n for quarters 1 and 3 (masked in place)."""
     if interpret:
         high = (words >> 8) * 0x0101  # as PTX_INT4_HIGH_BYTES: the high byte in both bytes
-    else:  # (int16: Triton's asm results are signless integers)
-        high = plt.elementwise_inline_asm(PTX_INT4_HIGH_BYTES, args=[words], constraints="=r,r", pack=2,
-                                          result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int16)])[0]
-    out = []
-    for e, src in enumerate((words, words, high, high)):
-        if interpret:
-            out.append(lax.bitcast_convert_type(src & (0xF0 if e % 2 else 0x0F), jnp.float16))
-        else:
-            out.append(_words_to_fp16(src, (PTX_INT4_NIBBLES_TO_FP16[e % 2],), "=r,r")[0])
-    return out
+        return [lax.bitcast_convert_type(src & (0xF0 if e % 2 else 0x0F), jnp.float16)
+                for e, src in enumerate((words, words, high, high))]
+    # int16: Triton's asm results are signless integers.
+    high = plt.elementwise_inline_asm(PTX_INT4_HIGH_BYTES, args=[words], constraints="=r,r", pack=2,
+                                      result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int16)])[0]
+    return [_words_to_fp16(src, (PTX_INT4_NIBBLES_TO_FP16[e % 2],), "=r,r")[0]
+            for e, src in enumerate((words, words, high, high))]
 
 
 def _flash_decode_kernel(
@@ -515,21 +512,21 @@ def _flash_decode_kernel(
             scale, zero = v_sc[2 * n], v_sc[2 * n + 1]  # [Ts]
             p_scaled.append((p * by_token(scale)).astype(qdt))
             z_acc[n] = z_acc[n] + jnp.sum(p * by_token(zero), axis=tok_axis)  # [Gp]
+        def words_as_dotted(c):  # chunk c's words as the V dot takes them: V^T [C, Ts] transposed, else V [Ts, C]
+            if not transposed:
+                return load_words(v_refs[0].at[rows, pl.ds(c * v_chunk, v_chunk)], vis2)
+            # Gathered transposed (an index array per axis): a trans of the loaded tile stops
+            # Triton's pipelining of the words into the mma operand.
+            slots = (rows.start + jnp.arange(block_s))[None, :]  # [1, Ts]
+            chans = (c * v_chunk + jnp.arange(v_chunk))[:, None]  # [C, 1]
+            return load_words(v_refs[0].at[slots, chans], visible[None, :])
+
         out = list(acc[: 4 * v_chunks])
         for c in range(v_chunks):
-            if transposed:  # [C, Ts] u16, gathered transposed (a trans of the tile stops Triton's pipelining)
-                slots = (rows.start + jnp.arange(block_s))[None, :]  # [1, Ts]
-                chans = (c * v_chunk + jnp.arange(v_chunk))[:, None]  # [C, 1]
-                words = load_words(v_refs[0].at[slots, chans], visible[None, :])
-            else:
-                words = load_words(v_refs[0].at[rows, pl.ds(c * v_chunk, v_chunk)], vis2)  # [Ts, C] u16
-            for e, n_e in enumerate(_int4_words_to_fp16(words, interpret)):  # 16 x for odd e, in INT4_UNITs
+            for e, n_e in enumerate(_int4_words_to_fp16(words_as_dotted(c), interpret)):  # 16 x for odd e, INT4_UNITs
                 i = 4 * c + e  # int4_parts order; the units (and 1/16 of odd quarters) are applied after the loop
                 p_e = p_scaled[(e * quarter + c * v_chunk) // v_group]
-                if transposed:
-                    out[i] += jnp.dot(n_e, p_e, preferred_element_type=f32)
-                else:
-                    out[i] += pv(p_e, n_e)
+                out[i] += jnp.dot(n_e, p_e, preferred_element_type=f32) if transposed else pv(p_e, n_e)
         return tuple(out) + tuple(z_acc)
 
     def residual_scores(t0, rows, visible, k_sc):  # a Kivi4 store's residual: slot r holds position t0 + r
@@ -860,6 +857,9 @@ def _seconds_per_call_in_loop(fn, q, k, v, calls: int, samples: int) -> float:
     return common.median_seconds(lambda: loop(q, k, v), samples) / calls
 
 
+_KNOB_HEADERS = ("block_s", "splits", "warps", "stages", "ahead", "T", "MW")  # the sweep's columns for Config's fields
+
+
 def _ints(text: str | None) -> list[int | None]:
     return [None] if text is None else [int(x) for x in text.split(",")]
 
@@ -905,10 +905,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ceiling     {'torch copy_' if torch_bw else 'jax copy (x + 1)'} of a 1 GiB buffer, read + write: "
           f"{copy_bw / 1e9:.0f} GB/s on {card}")
     h, kv_heads, d = args.heads, args.kv_heads, args.head_dim
-    knob_sets = list(itertools.product(*map(_ints, (args.block_s, args.num_splits, args.num_warps, args.num_stages,
-                                                      args.scales_ahead, args.transposed, args.masked_words))))
-    headers = ["B", "L", "format", "block_s", "splits", "warps", "stages", "ahead", "T", "MW", "us", "GB/s", "% copy",
-               "loop us", "loop % copy", "busy us", "busy % copy", "XLA us", "XLA GB/s", "x XLA", "max|err| vs XLA"]
+    # One list per Config field, in its order (the flags are named after the fields).
+    knob_sets = list(itertools.product(*(_ints(getattr(args, f.name)) for f in dataclasses.fields(Config))))
+    headers = ["B", "L", "format", *_KNOB_HEADERS, "us", "GB/s", "% copy", "loop us", "loop % copy", "busy us",
+               "busy % copy", "XLA us", "XLA GB/s", "x XLA", "max|err| vs XLA"]
     rows, best = [], {}
     key = jax.random.key(0)
     for b, length, fmt_name in itertools.product(_ints(args.batch), _ints(args.lengths), args.formats.split(",")):
@@ -950,8 +950,7 @@ def main(argv: list[str] | None = None) -> None:
                 for r in common.kernel_table(common.device_kernel_events(lambda: one(*arg_sets[0]), reps=5), per=5):
                     print(f"    {r['us_per']:8.1f} us  {r['calls_per']:.0f}x  {r['kernel'][:90]}")
             err = "-" if expected is None else f"{float(jnp.max(jnp.abs(got - expected))):.1e}"
-            rows.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
-                         cfg.scales_ahead, cfg.transposed, cfg.masked_words,
+            rows.append([b, length, fmt_name, *dataclasses.astuple(cfg),
                          f"{t * 1e6:.1f}", f"{nbytes / t / 1e9:.0f}", f"{100 * nbytes / t / copy_bw:.0f}",
                          f"{t_loop * 1e6:.1f}", f"{100 * nbytes / t_loop / copy_bw:.0f}",
                          "-" if busy is None else f"{busy * 1e6:.1f}",
@@ -977,12 +976,10 @@ def main(argv: list[str] | None = None) -> None:
         summary = []
         for (b, length, fmt_name), (t, cfg) in best.items():
             base = best.get((b, length, "bf16"))
-            summary.append([b, length, fmt_name, cfg.block_s, cfg.num_splits, cfg.num_warps, cfg.num_stages,
-                            cfg.scales_ahead, cfg.transposed, cfg.masked_words,
+            summary.append([b, length, fmt_name, *dataclasses.astuple(cfg),
                             f"{t * 1e6:.1f}", f"{100 * _cache_bytes(b, length, fmt_name, kv_heads, d) / t / copy_bw:.0f}",
                             "-" if base is None else f"{base[0] / t:.2f}"])
-        print(common.format_table(["B", "L", "format", "block_s", "splits", "warps", "stages", "ahead", "T", "MW", "us",
-                                   "% copy", "x bf16"], summary))
+        print(common.format_table(["B", "L", "format", *_KNOB_HEADERS, "us", "% copy", "x bf16"], summary))
 
 
 def _cache_bytes(batch: int, length: int, fmt_name: str, kv_heads: int, head_dim: int) -> int:

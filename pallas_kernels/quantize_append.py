@@ -229,7 +229,7 @@ def _check(store, x, start, count):
     return fmt, leaves
 
 
-def default_config(t: int, k: int, d: int) -> dict[str, int]:
+def default_config(t: int) -> dict[str, int]:
     """The default knobs for x [B, T, K, D]: {"block_t", "heads", "num_warps"}."""
     return {"block_t": min(DEFAULT_BLOCK_T, pl.next_power_of_2(t)), "heads": DEFAULT_HEADS,
             "num_warps": DEFAULT_NUM_WARPS}
@@ -248,7 +248,7 @@ def _append_call(stores, xs, start, count, *, block_t, heads, num_warps, num_sta
         raise ValueError(f"{block_t=} must be a power of 2")
     if heads is not None and not (_pow2(heads) and k % heads == 0):
         raise ValueError(f"{heads=} must be a power of 2 dividing the {k} KV heads")
-    cfg = default_config(t, k, d)
+    cfg = default_config(t)
     heads = heads or cfg["heads"]
     block_t = min(block_t or cfg["block_t"], pl.next_power_of_2(t))
     num_warps = num_warps or cfg["num_warps"]
@@ -439,7 +439,7 @@ def _bench(args):  # pragma: no cover - GPU only
             if time.perf_counter() - t_begin > args.budget_s:
                 stop = True
                 return
-            cfg = {**default_config(t, k, d), "num_stages": 1, **knobs}
+            cfg = {**default_config(t), "num_stages": 1, **knobs}
             tag = (f"{shape_s:>19} {label:>12} {impl:>7} "
                    + (" ".join(f"{cfg[key]:>{w}}" for key, w in
                                (("block_t", 3), ("heads", 2), ("num_warps", 2), ("num_stages", 2)))
@@ -464,7 +464,7 @@ def _bench(args):  # pragma: no cover - GPU only
             args.block_t or [None], args.heads or [None], args.num_warps or [None], args.num_stages)]
         seen = set()
         for knobs in [{}] + configs:  # {}: the defaults
-            cfg = {**default_config(t, k, d), "num_stages": 1}
+            cfg = {**default_config(t), "num_stages": 1}
             cfg.update({key: val for key, val in knobs.items() if val is not None})
             cfg["block_t"] = min(cfg["block_t"], pl.next_power_of_2(t))
             key = tuple(sorted(cfg.items()))

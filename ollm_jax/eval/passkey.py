@@ -105,8 +105,8 @@ def _prefill_step(params, cfg, tokens, positions, last_index, cache):
 def _grow(cache: kv_cache.KVCache, cfg: ModelConfig, max_len: int, kv_format: str) -> kv_cache.KVCache:
     """The cache copied into one of `max_len` slots: each store leaf keeps its prefix along
     the one axis that grew (its slots or slot groups: axis 1 of a dense store, 2 of a
-    head-major quantized one);
-    leaves of unchanged shape (kivi4's residual and flush mark) are kept whole."""
+    head-major quantized one); leaves of unchanged shape (kivi4's residual and flush mark)
+    are kept whole."""
     bigger = kv_cache.create(cfg, cache.batch, max_len, kv_format)
 
     def copy(new, old):
