@@ -47,6 +47,8 @@
 #                                  int4 at batch 1 in 64-slot blocks
 #   bash bench/gpu_session.sh zg   int4 at 64-slot blocks, 8 programs an SM (session 10): compiled decode tests,
 #                                  the 128k defaults of every format, kivi4-g64 at its session-9 splits
+#   bash bench/gpu_session.sh zh   the splits merged in one Pallas kernel (session 11): compiled decode tests, the 128k
+#                                  defaults of every format beside XLA's combine, kernel by kernel; int4 batch 1 at 1 warp
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -249,6 +251,12 @@ case "${1:-}" in
     step 300 kv_quant_e2e python3 bench/kv_quant.py --parts e2e --formats bf16 int8 int4 kivi4-g64 --out "$OUT/"
     step 100 fd_int4_b1_blocks python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 \
       --no-reference --batch 1 --formats int4 --block-s 64 --num-warps 1,2 --num-splits 132,198
+    ;;
+  zh)
+    step 200 fd_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py -k gpu
+    F="python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 --no-reference"
+    step 200 fd_combine_128k $F --batch 1,8 --formats bf16,int8,int4,kivi4-g64 --combine-kernel 0,1 --kernels
+    step 120 fd_int4_b1_1warp $F --batch 1 --formats int4 --num-warps 1 --block-s 32,64 --num-splits 132,198,264
     ;;
   zg)
     step 200 fd_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py -k gpu

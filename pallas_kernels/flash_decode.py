@@ -129,6 +129,7 @@ class Config:
     scales_ahead: int  # 1: quantized scales load a block ahead (loop-carried); 0: in their block
     transposed: int = 0  # 1: scores as K . q^T, [Ts, Gp] (tokens on the mma's M, query heads on N >= 8)
     masked_words: int = 0  # 1: quantized words load under the visibility mask; 0: unmasked where S % Ts == 0
+    combine_kernel: int = 1  # 1: the splits merge in one Pallas kernel (`combine_splits`); 0: in XLA's fusions
 
 
 def default_num_splits(batch: int, kv_heads: int, max_len: int, block_s: int,
@@ -184,6 +185,7 @@ def default_config(k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len:
         scales_ahead=0 if int8 or int4 else 1,
         transposed=1 if int4 else 0,
         masked_words=0,
+        combine_kernel=1,
     )
 
 
@@ -191,7 +193,8 @@ def resolve_config(
     k_kind: str, v_kind: str, batch: int, kv_heads: int, max_len: int,
     block_s: int | None = None, num_splits: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, scales_ahead: int | None = None,
-    transposed: int | None = None, masked_words: int | None = None, token_group: int | None = None,
+    transposed: int | None = None, masked_words: int | None = None, combine_kernel: int | None = None,
+    token_group: int | None = None,
 ) -> Config:
     """The knobs given, the defaults for the rest (num_splits follows the block size).
     `token_group`: a Kivi4 K store's group, its block size."""
@@ -210,6 +213,7 @@ def resolve_config(
         scales_ahead=cfg.scales_ahead if scales_ahead is None else int(bool(scales_ahead)),
         transposed=cfg.transposed if transposed is None else int(bool(transposed)),
         masked_words=cfg.masked_words if masked_words is None else int(bool(masked_words)),
+        combine_kernel=cfg.combine_kernel if combine_kernel is None else int(bool(combine_kernel)),
     )
 
 
@@ -594,17 +598,56 @@ def _flash_decode_kernel(
 # ----------------------------------------------------------------------------- wrapper
 
 
-def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
-    """Merges P partial softmaxes. o [B, K, P, G, D] unnormalized, m and l [B, K, P, G]
-    (running max of the scores in log2 units, and sum of exp2(score - m)); returns
-    [B, K, G, D] f32. A row no split saw (padding) gets 0, not NaN."""
-    m_max = jnp.max(m, axis=2, keepdims=True)  # [B, K, 1, G]
+def combine_splits_reference(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+    """Merges P partial softmaxes (plain-JAX twin of `combine_splits`). o [B, K, P, R, D]
+    unnormalized, m and l [B, K, P, R] (running max of the scores in log2 units, and sum of
+    exp2(score - m)); returns [B, K, R, D] f32. A row no split saw (padding) gets 0, not NaN."""
+    m_max = jnp.max(m, axis=2, keepdims=True)  # [B, K, 1, R]
     # jax's own decode kernel needs this barrier to avoid NaNs after fusion (b/389925439).
     m_max = lax.optimization_barrier(m_max)
-    w = jnp.exp2(m - m_max)  # [B, K, P, G]
-    l_sum = jnp.sum(w * l, axis=2)  # [B, K, G]
-    o_sum = jnp.sum(w[..., None] * o, axis=2)  # [B, K, G, D]
+    w = jnp.exp2(m - m_max)  # [B, K, P, R]
+    l_sum = jnp.sum(w * l, axis=2)  # [B, K, R]
+    o_sum = jnp.sum(w[..., None] * o, axis=2)  # [B, K, R, D]
     return o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]
+
+
+COMBINE_TILE = 4096  # f32 elements of o one combine program reads: [P padded to a power of two, Dc]
+
+
+def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, num_splits: int):
+    # o_ref [P, Dc], m_ref and l_ref [P]: one row's splits; out_ref [Dc].
+    pp = _pow2_ceil(num_splits)
+    valid = jnp.arange(pp) < num_splits  # [Pp]: loads are powers of two, P need not be
+    m = plt.load(m_ref.at[pl.ds(0, pp)], mask=valid, other=_MASKED)
+    l = plt.load(l_ref.at[pl.ds(0, pp)], mask=valid, other=0)
+    w = jnp.where(valid, jnp.exp2(m - jnp.max(m)), 0)  # [Pp]
+    l_sum = jnp.sum(w * l)
+    o = plt.load(o_ref.at[pl.ds(0, pp), :], mask=valid[:, None], other=0)  # [Pp, Dc]
+    out_ref[...] = (jnp.sum(w[:, None] * o, axis=0) / jnp.where(l_sum > 0, l_sum, 1.0)).astype(out_ref.dtype)
+
+
+def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array, out_dtype, interpret: bool = False) -> jax.Array:
+    """Merges P partial softmaxes in one kernel (the split-K decode's second step): o
+    [B, K, P, R, D] unnormalized, m and l [B, K, P, R] as `combine_splits_reference` takes
+    them; returns [B, K, R, D] in `out_dtype`. One program per (sequence, KV head, row,
+    chunk of Dc channels) reads that row's P partials, so the merge is one launch where XLA
+    makes three to five small ones."""
+    b, kv_heads, p, r, d = o.shape
+    dc = max(1, min(d, COMBINE_TILE // _pow2_ceil(p)))
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, num_splits=p),
+        grid=(b, kv_heads, r, d // dc),
+        in_specs=[
+            pl.BlockSpec((None, None, p, None, dc), lambda bi, ki, ri, ci: (bi, ki, 0, ri, ci)),
+            pl.BlockSpec((None, None, p, None), lambda bi, ki, ri, ci: (bi, ki, 0, ri)),
+            pl.BlockSpec((None, None, p, None), lambda bi, ki, ri, ci: (bi, ki, 0, ri)),
+        ],
+        out_specs=pl.BlockSpec((None, None, None, dc), lambda bi, ki, ri, ci: (bi, ki, ri, ci)),
+        out_shape=jax.ShapeDtypeStruct((b, kv_heads, r, d), out_dtype),
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="flash_decode_combine",
+    )(o, m, l)
 
 
 def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str]:
@@ -667,7 +710,7 @@ def supports(q: jax.Array, k: Store, v: Store) -> bool:
 @functools.partial(
     jax.jit,
     static_argnames=("sliding_window", "block_s", "num_splits", "num_warps", "num_stages", "scales_ahead", "transposed",
-                     "masked_words", "interpret"),
+                     "masked_words", "combine_kernel", "interpret"),
 )
 def flash_decode(
     q: jax.Array,
@@ -683,6 +726,7 @@ def flash_decode(
     scales_ahead: int | None = None,
     transposed: int | None = None,
     masked_words: int | None = None,
+    combine_kernel: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of one query token per sequence (or T at consecutive positions) over its
@@ -696,7 +740,7 @@ def flash_decode(
         p sees slots s <= p (and s > p - sliding_window); -1 marks a padding row or
         query (finite output, value unused).
       sliding_window: None (all) or the window length.
-      block_s, num_splits, num_warps, num_stages, scales_ahead, transposed, masked_words: tuning knobs
+      block_s, num_splits, num_warps, num_stages, scales_ahead, transposed, masked_words, combine_kernel: knobs
         (`Config`); None picks `default_config` (num_splits from B, K and S to fill 132 SMs).
         A Kivi4 K store's blocks are its token groups: block_s is its group.
       interpret: run the kernel in Pallas interpret mode (CPU tests).
@@ -709,7 +753,7 @@ def flash_decode(
     _, s, kv_heads, _ = kv_cache.dims(k)
     g = h // kv_heads
     cfg = resolve_config(k_kind, v_kind, b, kv_heads, s, block_s, num_splits, num_warps, num_stages, scales_ahead,
-                         transposed, masked_words, token_group=k.group if k_kind == "kivi4" else None)
+                         transposed, masked_words, combine_kernel, token_group=k.group if k_kind == "kivi4" else None)
     gp = max(8 if cfg.transposed else 16, _pow2_ceil(t * g))  # the mma's N (transposed) or M: >= 8 or 16
 
     def cache_specs(store):
@@ -765,8 +809,11 @@ def flash_decode(
         name=f"flash_decode_k{k_kind}_v{v_kind}",
     )(jnp.stack([q_positions.reshape(b, t)[:, 0].astype(jnp.int32), flushed], axis=1),  # [B, 2]
       q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d), *k_arrays, *v_arrays)
-    out = combine_splits(o, m, l).reshape(b, kv_heads, t, g, d).transpose(0, 2, 1, 3, 4)  # [B, T, K, G, D]
-    return out.reshape(q.shape).astype(q.dtype)
+    if cfg.combine_kernel:
+        out = combine_splits(o, m, l, q.dtype, interpret)  # [B, K, T G, D]
+    else:
+        out = combine_splits_reference(o, m, l).astype(q.dtype)
+    return out.reshape(b, kv_heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(q.shape)
 
 
 def flash_decode_reference(
@@ -857,7 +904,7 @@ def _seconds_per_call_in_loop(fn, q, k, v, calls: int, samples: int) -> float:
     return common.median_seconds(lambda: loop(q, k, v), samples) / calls
 
 
-_KNOB_HEADERS = ("block_s", "splits", "warps", "stages", "ahead", "T", "MW")  # the sweep's columns for Config's fields
+_KNOB_HEADERS = ("block_s", "splits", "warps", "stages", "ahead", "T", "MW", "CK")  # the sweep's columns for Config's fields
 
 
 def _ints(text: str | None) -> list[int | None]:
@@ -889,6 +936,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scales-ahead", help=knob_help + " (1 or 0)")
     parser.add_argument("--transposed", help=knob_help + " (1 or 0: scores as K . q^T)")
     parser.add_argument("--masked-words", help=knob_help + " (1 or 0: quantized words loaded under the mask)")
+    parser.add_argument("--combine-kernel", help=knob_help + " (1 or 0: the splits merged in one Pallas kernel or by XLA)")
     parser.add_argument("--samples", type=int, default=30, help="timed runs; the median is reported")
     parser.add_argument("--calls", type=int, default=16, help="kernel calls per timed run (at least enough "
                         "cache copies to cycle through 256 MiB, so repeats do not hit L2)")

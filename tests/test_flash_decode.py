@@ -325,15 +325,40 @@ def test_several_queries_past_the_row_limit_are_not_taken():
         fd.flash_decode(q, kv_cache.Dense(x), kv_cache.Dense(x), jnp.zeros((1, 9), jnp.int32), interpret=True)
 
 
-def test_combine_splits_empty_and_padding():
+@pytest.mark.parametrize("combine", ["reference", "kernel"])
+def test_combine_splits_empty_and_padding(combine):
     """Splits that saw no key (m = _MASKED, l = 0) drop out; a row no split saw gives 0."""
-    o = jnp.array([[[[[2.0, 4.0]], [[0.0, 0.0]], [[6.0, 2.0]]]]])  # [B=1, K=1, P=3, G=1, D=2]
+    fn = fd.combine_splits_reference if combine == "reference" else functools.partial(
+        fd.combine_splits, out_dtype=jnp.float32, interpret=True)
+    o = jnp.array([[[[[2.0, 4.0]], [[0.0, 0.0]], [[6.0, 2.0]]]]])  # [B=1, K=1, P=3, R=1, D=2]
     m = jnp.array([[[[0.0], [fd._MASKED], [1.0]]]])  # [1, 1, 3, 1]: log2 units
     l = jnp.array([[[[1.0], [0.0], [3.0]]]])
-    got = fd.combine_splits(o, m, l)  # weights 0.5, 0, 1 after the max (1) is taken out
+    got = fn(o, m, l)  # weights 0.5, 0, 1 after the max (1) is taken out
     np.testing.assert_allclose(got[0, 0, 0], (0.5 * np.array([2.0, 4.0]) + [6.0, 2.0]) / (0.5 + 3.0), rtol=1e-6)
-    empty = fd.combine_splits(jnp.zeros_like(o), jnp.full_like(m, fd._MASKED), jnp.zeros_like(l))
+    empty = fn(jnp.zeros_like(o), jnp.full_like(m, fd._MASKED), jnp.zeros_like(l))
     assert np.all(np.asarray(empty) == 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("splits, rows, head_dim", [(9, 4, 128), (132, 3, 64), (16, 32, 128), (1, 8, 64)])
+def test_combine_kernel_matches_reference(splits, rows, head_dim, mode):
+    """The one-launch combine against its plain-JAX twin on random partials (split counts
+    that are not powers of two, a row with every split empty, splits that saw nothing),
+    in float32 and in bf16 as flash_decode returns it."""
+    rng = np.random.default_rng(splits * rows)
+    shape = (2, 3, splits, rows)
+    m = rng.normal(0, 8, shape).astype(np.float32)
+    m[rng.random(shape) < 0.3] = fd._MASKED  # splits past the visible range
+    m[0, 0, :, 0] = fd._MASKED  # a padding row: no split saw it
+    l = np.where(m == fd._MASKED, 0, rng.uniform(0.5, 64, shape)).astype(np.float32)
+    o = (rng.normal(0, 1, (*shape, head_dim)) * l[..., None]).astype(np.float32)
+    want = fd.combine_splits_reference(o, m, l)
+    got = fd.combine_splits(o, m, l, jnp.float32, interpret=mode == "interpret")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(got[0, 0, 0]) == 0)
+    got_bf16 = fd.combine_splits(o, m, l, jnp.bfloat16, interpret=mode == "interpret")
+    assert got_bf16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got_bf16, got.astype(jnp.bfloat16))  # the f32 result, rounded once
 
 
 def _stale(store: kv_cache.Store, keep: np.ndarray, seed: int) -> kv_cache.Store:
