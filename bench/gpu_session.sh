@@ -49,6 +49,9 @@
 #                                  the 128k defaults of every format, kivi4-g64 at its session-9 splits
 #   bash bench/gpu_session.sh zh   the splits merged in one Pallas kernel (session 11): compiled decode tests, the 128k
 #                                  defaults of every format beside XLA's combine, kernel by kernel; int4 batch 1 at 1 warp
+#   bash bench/gpu_session.sh zi   int4 and kivi4 (scale, zero) pairs in one array (session 11): compiled decode and
+#                                  append tests, the 128k defaults of every format kernel by kernel, the streams probe
+#   bash bench/gpu_session.sh zj   the append at its defaults (both shapes, beside XLA), then end to end (as part o)
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -251,6 +254,18 @@ case "${1:-}" in
     step 300 kv_quant_e2e python3 bench/kv_quant.py --parts e2e --formats bf16 int8 int4 kivi4-g64 --out "$OUT/"
     step 100 fd_int4_b1_blocks python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 \
       --no-reference --batch 1 --formats int4 --block-s 64 --num-warps 1,2 --num-splits 132,198
+    ;;
+  zi)
+    step 200 fd_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py -k gpu
+    step 120 qa_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_quantize_append.py
+    step 150 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 20 \
+      --calls 4 --no-reference --formats bf16,int8,int4,kivi4-g64,kivi4-g128 --kernels
+    step 60 fd_scale_streams python3 bench/fd_scale_streams.py
+    ;;
+  zj)
+    step 150 qa_defaults python3 -m pallas_kernels.quantize_append --budget-s 120 --shapes 1,16384,8,128,32768 \
+      2,2048,32,64,4096 --formats int8 int4-g64 bf16 --kv-formats int8
+    step 300 kv_quant_e2e python3 bench/kv_quant.py --parts e2e --formats bf16 int8 int4 kivi4-g64 --out "$OUT/"
     ;;
   zh)
     step 200 fd_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py -k gpu

@@ -28,17 +28,22 @@ session 10).
                          scale fp16 [B, K, S]. (Words, not bytes: a GPU kernel reads a
                          word and hands four fp16 values to four dots, where a byte
                          array costs a shared-memory load per value.)
-  Int4(q, scale, zero)   asymmetric, a scale and zero point per group of `group`
+  Int4(q, scale_zero)    asymmetric, a scale and zero point per group of `group`
                          consecutive channels of one token and head; four values a 16-bit
                          word: nibble e (bits 4e..4e+3) of q[..., j] is channel j + e * D/4
                          (the quarters of head_dim, as Int8), so q is uint16 [B, K, S, D/4];
                          x[..., d] ~= n[..., d] * scale[..., d // group] + zero[..., d // group]
-                         with n in [0, 15]; scale, zero fp16 [B, K, S, D / group]
+                         with n in [0, 15]; scale_zero fp16 [B, K, S, D / group, 2] holds
+                         each group's (scale, zero) side by side, so a token's statistics
+                         are one stretch of 4 N bytes (`scale` and `zero` read them apart).
+                         Four small arrays to a K/V pair cost a decode read 7% beyond their
+                         bytes (bench/fd_scale_streams.py).
 
-  Kivi4(q, scale, zero, residual, flushed)
+  Kivi4(q, scale_zero, residual, flushed)
                          KIVI-style keys: int4 per *channel*, a scale and zero point per
                          channel for each group of `group` consecutive tokens; q packed as
-                         in Int4 (uint16 [B, K, S, D/4]), scale, zero fp16 [B, K, S/group, D].
+                         in Int4 (uint16 [B, K, S, D/4]); scale_zero fp16 [B, K, S/group, 2, D],
+                         a token group's row of scales then its row of zero points.
                          A token's group can only be quantized once all its tokens exist,
                          so the most recent tokens, positions [flushed, flushed + group),
                          stay in full precision in `residual` [B, K, group, D] (slot
@@ -145,25 +150,39 @@ class Int8:
 @struct.dataclass
 class Int4:
     q: jax.Array  # [B, K, S, D/4] uint16 (head-major): nibble e of word j is channel j + e * D/4
-    scale: jax.Array  # [B, K, S, N] fp16
-    zero: jax.Array  # [B, K, S, N] fp16
+    scale_zero: jax.Array  # [B, K, S, N, 2] fp16: group n's scale at [..., n, 0], its zero point at [..., n, 1]
 
     @property
     def group(self) -> int:
-        return 4 * self.q.shape[-1] // self.scale.shape[-1]
+        return 4 * self.q.shape[-1] // self.scale_zero.shape[-2]
+
+    @property
+    def scale(self) -> jax.Array:  # [B, K, S, N]
+        return self.scale_zero[..., 0]
+
+    @property
+    def zero(self) -> jax.Array:  # [B, K, S, N]
+        return self.scale_zero[..., 1]
 
 
 @struct.dataclass
 class Kivi4:
     q: jax.Array  # [B, K, S, D/4] uint16 (head-major), packed as Int4; S a multiple of the group
-    scale: jax.Array  # [B, K, S/group, D] fp16: per channel, per group of tokens
-    zero: jax.Array  # [B, K, S/group, D] fp16
+    scale_zero: jax.Array  # [B, K, S/group, 2, D] fp16: per channel, per group of tokens; [..., 0, :] scales
     residual: jax.Array  # [B, K, group, D] full precision: positions [flushed, flushed + group)
     flushed: jax.Array  # [B] int32: positions < flushed are in the quantized store
 
     @property
     def group(self) -> int:
         return self.residual.shape[2]
+
+    @property
+    def scale(self) -> jax.Array:  # [B, K, S/group, D]
+        return self.scale_zero[..., 0, :]
+
+    @property
+    def zero(self) -> jax.Array:  # [B, K, S/group, D]
+        return self.scale_zero[..., 1, :]
 
 
 Store = Dense | Int8 | Int4 | Kivi4
@@ -297,8 +316,7 @@ def empty_store(kind: str, shape: tuple[int, ...], group: int, dtype=jnp.bfloat1
     if kind == "kivi4":
         return Kivi4(
             jnp.zeros((b, k, s, d // 4), jnp.uint16),
-            jnp.zeros((b, k, s // group, d), SCALE_DTYPE),
-            jnp.zeros((b, k, s // group, d), SCALE_DTYPE),
+            jnp.zeros((b, k, s // group, 2, d), SCALE_DTYPE),
             jnp.zeros((b, k, group, d), dtype),
             jnp.zeros((b,), jnp.int32),
         )
@@ -308,11 +326,7 @@ def empty_store(kind: str, shape: tuple[int, ...], group: int, dtype=jnp.bfloat1
     lead = (b, k, s)  # head-major
     if kind == "int8":
         return Int8(jnp.zeros((*lead, d // 4), jnp.uint32), jnp.zeros(lead, SCALE_DTYPE))
-    return Int4(
-        jnp.zeros((*lead, d // 4), jnp.uint16),
-        jnp.zeros((*lead, d // group), SCALE_DTYPE),
-        jnp.zeros((*lead, d // group), SCALE_DTYPE),
-    )
+    return Int4(jnp.zeros((*lead, d // 4), jnp.uint16), jnp.zeros((*lead, d // group, 2), SCALE_DTYPE))
 
 
 def head_dim(store: Store) -> int:
@@ -323,7 +337,10 @@ def head_dim(store: Store) -> int:
 
 def _quantize_tokens(store: Int8 | Int4, x: jax.Array) -> tuple[jax.Array, ...]:
     """x [B, T, K, D] -> the store format's arrays, token-major ([B, T, K, ...])."""
-    return quantize_int8(x) if isinstance(store, Int8) else quantize_int4(x, store.group)
+    if isinstance(store, Int8):
+        return quantize_int8(x)
+    q, scale, zero = quantize_int4(x, store.group)
+    return q, jnp.stack([scale, zero], axis=-1)
 
 
 def encode(store: Store, x: jax.Array) -> Store:
@@ -417,8 +434,7 @@ def _kivi_write(store: Kivi4, x: jax.Array, positions: jax.Array) -> Kivi4:
     residual = jnp.swapaxes(residual, 1, 2).astype(store.residual.dtype)  # [B, K, g, D]
     return Kivi4(
         q=store.q.at[rows, :, tok_slots].set(packed, mode="drop"),
-        scale=store.scale.at[rows, :, grp_slots].set(scale, mode="drop"),
-        zero=store.zero.at[rows, :, grp_slots].set(zero, mode="drop"),
+        scale_zero=store.scale_zero.at[rows, :, grp_slots].set(jnp.stack([scale, zero], axis=-2), mode="drop"),
         residual=jnp.where(keep[:, None, None, None], store.residual, residual),
         flushed=jnp.where(keep, store.flushed, flushed),
     )

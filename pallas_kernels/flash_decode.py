@@ -18,8 +18,8 @@ different one for K and for V) and dequantized in registers:
   their value, the 1/16 going on q for K and on the output for V), one dot per quarter
   and chunk of at most one quantization group; scores = sum_n scale_n * 2^24 * (q_n .
   nibbles_n) + zero_n * sum(q_n), and for V the group scale multiplies the probabilities
-  and the zero point adds sum(p * zero_n) per group. A token's N group scales (and
-  zeros) arrive in one [Ts, N] load. Transposed (the int4 default), V's words are
+  and the zero point adds sum(p * zero_n) per group. A token's N (scale, zero) pairs
+  arrive in one [Ts, 2N] load. Transposed (the int4 default), V's words are
   gathered as a [C, Ts] tile, the mma's A operand, so Triton pipelines them through
   shared memory straight into its registers.
 - kivi4 keys (`kv_cache.Kivi4`: int4 words as above, a scale and zero point per channel
@@ -90,7 +90,7 @@ Q_DTYPES = (jnp.bfloat16, jnp.float16)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: empty splits and rows stay NaN-free
 MAX_QUERY_ROWS = 32  # T x G at most: the rows of one program's q tile and accumulators
 _LOG2E = 1.4426950408889634  # scores are kept in log2 units, so the softmax is exp2
-_NUM_ARRAYS = {"dense": 1, "int8": 2, "int4": 3, "kivi4": 4}  # kernel arrays per store (`_store_arrays`)
+_NUM_ARRAYS = {"dense": 1, "int8": 2, "int4": 2, "kivi4": 3}  # kernel arrays per store (`_store_arrays`)
 
 
 def _pow2_ceil(n: int) -> int:
@@ -110,10 +110,13 @@ def _kind(store: Store) -> str:
 
 
 def _store_arrays(store: Store) -> tuple[jax.Array, ...]:
-    """The arrays a kernel reads: Dense (x,); Int8 (q, scale); Int4 (q, scale, zero); Kivi4
-    (q, scale, zero, residual), its `flushed` going in with the query positions."""
+    """The arrays a kernel reads: Dense (x,); Int8 (q, scale); Int4 (q, scale_zero as
+    [B, K, S, 2N]: a token's (scale, zero) pairs in one row); Kivi4 (q, scale_zero,
+    residual), its `flushed` going in with the query positions."""
     if isinstance(store, Kivi4):
-        return store.q, store.scale, store.zero, store.residual
+        return store.q, store.scale_zero, store.residual
+    if isinstance(store, Int4):
+        return store.q, store.scale_zero.reshape(*store.scale_zero.shape[:3], -1)
     return tuple(jax.tree.leaves(store))
 
 
@@ -386,7 +389,7 @@ def _flash_decode_kernel(
         return plt.load(ref)
 
     def int4_layout(refs_):  # (group, chunk C, chunks per quarter, N)
-        group = 4 * refs_[0].shape[-1] // refs_[1].shape[-1]
+        group = 8 * refs_[0].shape[-1] // refs_[1].shape[-1]  # words [S, D/4], (scale, zero) pairs [S, 2N]
         chunk = min(group, quarter)
         return group, chunk, quarter // chunk, d // group
 
@@ -416,12 +419,12 @@ def _flash_decode_kernel(
         k_sc, v_sc = (), ()
         if k_kind == "int8":
             k_sc = (vec(k_refs[1]) * score_scale,)
-        elif k_kind == "int4":
-            k_sc = tuple(x for sc, z in zip(cols(k_refs[1]), cols(k_refs[2])) for x in (sc * (score_scale / INT4_UNIT), z))
+        elif k_kind == "int4":  # scale_0, zero_0, scale_1, ...
+            k_sc = tuple(x * (score_scale / INT4_UNIT) if i % 2 == 0 else x for i, x in enumerate(cols(k_refs[1])))
         if v_kind == "int8":
             v_sc = (vec(v_refs[1]),)
         elif v_kind == "int4":
-            v_sc = tuple(x for sc, z in zip(cols(v_refs[1]), cols(v_refs[2])) for x in (sc, z))  # scale_n, zero_n, ...
+            v_sc = tuple(cols(v_refs[1]))  # scale_0, zero_0, scale_1, ...
         return k_sc, v_sc
 
     # ---- K side: scores f32 in orientation, in log2 units.
@@ -456,8 +459,8 @@ def _flash_decode_kernel(
             s, offset = None, None
             for e, n_e in enumerate(_int4_words_to_fp16(words, interpret)):  # [Ts, Q]: n (16 n), in INT4_UNITs
                 cols = pl.ds(e * quarter, quarter)
-                scale = plt.load(k_refs[1].at[group, cols]).astype(f32) * (0.0625 if e % 2 else 1.0)  # [Q]
-                zero = plt.load(k_refs[2].at[group, cols]).astype(f32)  # [Q]
+                scale, zero = (plt.load(k_refs[1].at[group, jnp.int32(i), cols]).astype(f32) for i in (0, 1))  # [Q]
+                scale = scale * (0.0625 if e % 2 else 1.0)
                 q_e = (q_scored[e] * scale[None, :]).astype(qdt)  # [Gp, Q]
                 part = qk(q_e, n_e)
                 # The zero points' term, channel by channel; one sum over the channels after the quarters.
@@ -534,7 +537,7 @@ def _flash_decode_kernel(
         return tuple(out) + tuple(z_acc)
 
     def residual_scores(t0, rows, visible, k_sc):  # a Kivi4 store's residual: slot r holds position t0 + r
-        k = plt.load(k_refs[3].at[:, :], mask=visible[:, None], other=0).astype(dt)  # [Ts, D]
+        k = plt.load(k_refs[2].at[:, :], mask=visible[:, None], other=0).astype(dt)  # [Ts, D]
         return qk(load_q(slice(None)).astype(dt), k) * score_scale
 
     def attend_block(t0, m_prev, l_prev, acc, k_sc, v_sc, scores_fn):
@@ -673,7 +676,7 @@ def _check(q, k: Store, v: Store, q_positions, sliding_window) -> tuple[str, str
                              f"token groups, got it as {name} with head_dim {width}, {shapes[name][1]} slots, "
                              f"group {store.group}")
         if kind == "int4":
-            n, group = store.scale.shape[-1], store.group
+            n, group = store.scale_zero.shape[-2], store.group
             quarter = width // 4
             if n * group != width or not (quarter % group == 0 or group % quarter == 0) or min(group, quarter) < 16:
                 raise ValueError(f"{name}: int4 group {group} ({n} groups) unsupported for head_dim {width}")
@@ -848,19 +851,14 @@ def _random_store(key, side: str, shape: tuple[int, ...], group: int) -> Store:
     q = jax.random.bits(k1, like.q.shape, like.q.dtype)  # packed words
     if isinstance(like, Int8):
         return Int8(q, jax.random.uniform(k2, like.scale.shape, like.scale.dtype, 0.005, 0.02))
+    pair_axis = -2 if isinstance(like, Kivi4) else -1  # scale_zero's (scale, zero) axis
+    stats = like.scale_zero.shape[:pair_axis] + (like.scale_zero.shape[pair_axis + 1:] if pair_axis == -2 else ())
+    scale_zero = jnp.stack([jax.random.uniform(k2, stats, like.scale_zero.dtype, 0.01, 0.2),
+                            jax.random.uniform(k3, stats, like.scale_zero.dtype, -1.5, -0.5)], axis=pair_axis)
     if isinstance(like, Kivi4):
-        return Kivi4(
-            q,
-            jax.random.uniform(k2, like.scale.shape, like.scale.dtype, 0.01, 0.2),
-            jax.random.uniform(k3, like.zero.shape, like.zero.dtype, -1.5, -0.5),
-            jax.random.normal(k1, like.residual.shape, like.residual.dtype),
-            jnp.full(like.flushed.shape, shape[1] - like.group, jnp.int32),
-        )
-    return Int4(
-        q,
-        jax.random.uniform(k2, like.scale.shape, like.scale.dtype, 0.01, 0.2),
-        jax.random.uniform(k3, like.zero.shape, like.zero.dtype, -1.5, -0.5),
-    )
+        return Kivi4(q, scale_zero, jax.random.normal(k1, like.residual.shape, like.residual.dtype),
+                     jnp.full(like.flushed.shape, shape[1] - like.group, jnp.int32))
+    return Int4(q, scale_zero)
 
 
 def _seconds_per_call(fn, arg_sets: list[tuple], samples: int) -> tuple[float, float | None, jax.Array]:

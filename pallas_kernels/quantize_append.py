@@ -125,11 +125,8 @@ def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t:
     def put(ref, c0, width, val):  # [KH, R, width] -> cache rows [p0, p0 + R), channels [c0, c0 + width)
         plt.store(ref.at[b, hs, ps, pl.ds(c0, width)], val.astype(ref.dtype), mask=mask_h(width))
 
-    def put_stat(ref, val, n=None):  # [KH, R] scales or zeros (of int4 group n)
-        if n is None:
-            plt.store(ref.at[b, hs, ps], val.astype(ref.dtype), mask=mask_h())
-        else:
-            put(ref, n, 1, val[:, :, None])
+    def put_stat(ref, val, *at):  # [KH, R] int8 scales, or an int4 group's scale or zero (at = n, 0 or 1)
+        plt.store(ref.at[(b, hs, ps, *map(jnp.int32, at))], val.astype(ref.dtype), mask=mask_h())
 
     if fmt == "dense":  # token-major: a plain copy
         [x_out] = outs
@@ -149,7 +146,7 @@ def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t:
         put(q_out, 0, w, lax.bitcast_convert_type(words, jnp.uint32))
         put_stat(scale_out, scale)
     else:
-        q_out, scale_out, zero_out = outs
+        q_out, sz_out = outs
         w = d // 4
         c = min(group, w)  # channels per chunk: one group, or one quarter of a larger group
         span = max(1, group // w)  # quarters per group (a group wider than a quarter spans several)
@@ -163,8 +160,8 @@ def _append(fmt: str, group: int, x_ref, outs, *, b, t0, p0, k0, count, block_t:
                 zero = mn.astype(SCALE_DTYPE)
                 scale = ((mx - mn) * INV15).astype(SCALE_DTYPE)
                 n = (e0 * w + j * c) // group
-                put_stat(zero_out, zero, n)
-                put_stat(scale_out, scale, n)
+                put_stat(sz_out, scale, n, 0)
+                put_stat(sz_out, zero, n, 1)
                 zero32, inv = fp16_to_f32(zero)[:, :, None], _reciprocal(scale, interpret)[:, :, None]
                 for e, v in enumerate(members, start=e0):
                     nibble = _rint(jnp.clip((v - zero32) * inv, 0.0, 15.0)) << (4 * e)  # [KH, R, C] int32
@@ -177,7 +174,7 @@ def _kernel(start_ref, count_ref, *refs, parts, block_t: int, heads: int, interp
     # refs: x of each part [B, T, K, D] (whole arrays), every part's store buffers as
     #   inputs (aliased, unused), then the same buffers as outputs:
     #   dense: x [B, S, K, D];  head-major int8: q [B, K, S, W] uint32, scale [B, K, S] fp16;
-    #   int4: q [B, K, S, W] uint16, scale [B, K, S, N] fp16, zero [B, K, S, N] fp16
+    #   int4: q [B, K, S, W] uint16, scale_zero [B, K, S, N, 2] fp16
     # parts: ((fmt, group, number of buffers), ...), one per store (K, or K and V)
     xs = refs[:len(parts)]
     outs = refs[len(parts) + sum(p[2] for p in parts):]
@@ -200,7 +197,7 @@ def _leaves(store) -> tuple[str, tuple[jax.Array, ...]]:
     if isinstance(store, Int8):
         return "int8", (store.q, store.scale)
     if isinstance(store, Int4):
-        return "int4", (store.q, store.scale, store.zero)
+        return "int4", (store.q, store.scale_zero)
     raise TypeError(f"quantize_append supports Dense, Int8 and Int4 stores, not {type(store).__name__}")
 
 

@@ -367,12 +367,13 @@ def _stale(store: kv_cache.Store, keep: np.ndarray, seed: int) -> kv_cache.Store
     per-group scales and residual stay)."""
     rng = np.random.default_rng(seed)
     b, s = keep.shape
+    axis = 1 if isinstance(store, kv_cache.Dense) else 2  # the slot axis: dense token-major, the rest head-major
 
     def spoil(x):
         x = np.asarray(x)
-        if x.shape[:2] != (b, s):
+        if x.ndim <= axis or x.shape[0] != b or x.shape[axis] != s:
             return x
-        stale = keep.reshape(b, s, *[1] * (x.ndim - 2)) == 0
+        stale = np.expand_dims(keep == 0, [i for i in range(1, x.ndim) if i != axis])  # [B, 1.., S, 1..]
         if np.issubdtype(x.dtype, np.integer):
             junk = rng.integers(0, np.iinfo(x.dtype).max, x.shape, dtype=x.dtype, endpoint=True)
         else:
@@ -397,8 +398,11 @@ def test_stale_slots_drop_out(kv_format: str, window: int | None, masked_words: 
     slot = np.arange(s)[None, :]
     keep = (slot <= pos[:, None]) & (slot > pos[:, None] - (window or s))  # [B, S]
     kw = dict(block_s=32, num_splits=3, sliding_window=window, masked_words=masked_words, interpret=mode == "interpret")
+    stale_k, stale_v = _stale(k, keep, 1), _stale(v, keep, 2)
+    for fresh, stale in ((k, stale_k), (v, stale_v)):  # the words (and scales) outside keep really changed
+        assert not np.array_equal(np.asarray(jax.tree.leaves(fresh)[0]), np.asarray(jax.tree.leaves(stale)[0]))
     want = fd.flash_decode(q, k, v, pos, **kw)
-    got = fd.flash_decode(q, _stale(k, keep, 1), _stale(v, keep, 2), pos, **kw)
+    got = fd.flash_decode(q, stale_k, stale_v, pos, **kw)
     assert np.all(np.isfinite(np.asarray(got, np.float32)))
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
