@@ -51,6 +51,8 @@
 #                                  defaults of every format beside XLA's combine, kernel by kernel; int4 batch 1 at 1 warp
 #   bash bench/gpu_session.sh zi   int4 and kivi4 (scale, zero) pairs in one array (session 11): compiled decode and
 #                                  append tests, the 128k defaults of every format kernel by kernel, the streams probe
+#   bash bench/gpu_session.sh zk   positions (and kivi4's flushed) read whole by the decode kernel: its compiled tests,
+#                                  the 128k defaults kernel by kernel, 4-bit splits at batch 1 around the defaults
 #   bash bench/gpu_session.sh zj   the append at its defaults (both shapes, beside XLA), then end to end (as part o)
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
@@ -261,6 +263,13 @@ case "${1:-}" in
     step 150 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 20 \
       --calls 4 --no-reference --formats bf16,int8,int4,kivi4-g64,kivi4-g128 --kernels
     step 60 fd_scale_streams python3 bench/fd_scale_streams.py
+    ;;
+  zk)
+    step 200 fd_gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py -k gpu
+    step 150 fd_defaults_128k python3 -m pallas_kernels.flash_decode --lengths 131072 --batch 1,8 --samples 20 \
+      --calls 4 --no-reference --formats bf16,int8,int4,kivi4-g64,kivi4-g128 --kernels
+    F="python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 --no-reference --batch 1"
+    step 100 fd_4bit_splits_b1 $F --formats int4,kivi4-g64 --num-splits 99,132,165
     ;;
   zj)
     step 150 qa_defaults python3 -m pallas_kernels.quantize_append --budget-s 120 --shapes 1,16384,8,128,32768 \

@@ -90,7 +90,7 @@ Q_DTYPES = (jnp.bfloat16, jnp.float16)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: empty splits and rows stay NaN-free
 MAX_QUERY_ROWS = 32  # T x G at most: the rows of one program's q tile and accumulators
 _LOG2E = 1.4426950408889634  # scores are kept in log2 units, so the softmax is exp2
-_NUM_ARRAYS = {"dense": 1, "int8": 2, "int4": 2, "kivi4": 3}  # kernel arrays per store (`_store_arrays`)
+_NUM_ARRAYS = {"dense": 1, "int8": 2, "int4": 2, "kivi4": 4}  # kernel arrays per store (`_store_arrays`)
 
 
 def _pow2_ceil(n: int) -> int:
@@ -112,9 +112,9 @@ def _kind(store: Store) -> str:
 def _store_arrays(store: Store) -> tuple[jax.Array, ...]:
     """The arrays a kernel reads: Dense (x,); Int8 (q, scale); Int4 (q, scale_zero as
     [B, K, S, 2N]: a token's (scale, zero) pairs in one row); Kivi4 (q, scale_zero,
-    residual), its `flushed` going in with the query positions."""
+    residual, flushed)."""
     if isinstance(store, Kivi4):
-        return store.q, store.scale_zero, store.residual
+        return store.q, store.scale_zero, store.residual, store.flushed.astype(jnp.int32)
     if isinstance(store, Int4):
         return store.q, store.scale_zero.reshape(*store.scale_zero.shape[:3], -1)
     return tuple(jax.tree.leaves(store))
@@ -296,10 +296,10 @@ def _int4_words_to_fp16(words: jax.Array, interpret: bool) -> list[jax.Array]:
 
 
 def _flash_decode_kernel(
-    pos_ref,  # [2] int32: this sequence's (first) query position (-1: padding), and for a Kivi4
-    #           K store its `flushed` (slots below it are quantized; max_len otherwise)
+    pos_ref,  # [B, T] int32, whole: the queries' positions (row b's first: -1 for a padding row)
     q_ref,  # [Gp, D] rows >= T G are outside q (masked)
-    *refs,  # K store refs, V store refs (each [S, ...]), then o_ref [Gp, D] f32, m_ref [Gp], l_ref [Gp]
+    *refs,  # K store refs, V store refs (each [S, ...]; a Kivi4 K store's `flushed` [B] whole),
+    #         then o_ref [Gp, D] f32, m_ref [Gp], l_ref [Gp]
     k_kind: str,
     v_kind: str,
     num_heads_per_kv: int,  # G
@@ -317,7 +317,7 @@ def _flash_decode_kernel(
     n_k, n_v = _NUM_ARRAYS[k_kind], _NUM_ARRAYS[v_kind]
     k_refs, v_refs = refs[:n_k], refs[n_k : n_k + n_v]
     o_ref, m_ref, l_ref = refs[n_k + n_v :]
-    split = pl.program_id(2)  # read at the top level (interpret mode needs it here)
+    seq, split = pl.program_id(0), pl.program_id(2)  # read at the top level (interpret mode needs it here)
     gp, d = q_ref.shape
     quarter = d // 4  # Q
     dt = q_ref.dtype  # dense K/V tiles are cast to q's dtype (bf16/fp16) for their dots
@@ -359,7 +359,8 @@ def _flash_decode_kernel(
     # The visible slots [lo, hi) (of any query) and the blocks this split walks. A Kivi4 K
     # store (block_s = its token group) holds the slots [flushed, flushed + Ts) in its dense
     # residual: one more block, dealt out after the quantized ones.
-    pos, flushed = pos_ref[0], pos_ref[1]
+    pos = pos_ref[seq, 0]
+    flushed = k_refs[3][seq] if k_kind == "kivi4" else max_len  # slots below it are quantized
     hi = jnp.where(pos < 0, 0, jnp.minimum(pos + num_queries, max_len))  # pos = -1 (padding) -> no block
     lo = jnp.int32(0) if sliding_window is None else jnp.maximum(pos + 1 - sliding_window, 0)
     first_block = lax.div(lo, block_s)
@@ -763,15 +764,16 @@ def flash_decode(
         # The whole cache row of one (sequence, KV head); the kernel slices its blocks.
         if isinstance(store, Dense):  # token-major [B, S, K, D]
             return [pl.BlockSpec((None, s, None, d), lambda bi, ki, pi: (bi, 0, ki, 0))]
-        # Head-major: int8 scale [B, K, S]; [B, K, S, D/4 or N]; Kivi4 scale, zero [B, K, S/group, D]
-        # and residual [B, K, group, D].
+        # Head-major: int8 scale [B, K, S]; [B, K, S, D/4 or 2N]; Kivi4 scale_zero [B, K, S/group, 2, D]
+        # and residual [B, K, group, D]; Kivi4 flushed [B], whole.
         def head_row(x):
+            if x.ndim == 1:
+                return pl.BlockSpec((b,), lambda bi, ki, pi: (0,))
             return pl.BlockSpec((None, None, *x.shape[2:]), lambda bi, ki, pi: (bi, ki) + (0,) * (x.ndim - 2))
 
         return [head_row(x) for x in _store_arrays(store)]
 
     k_arrays, v_arrays = _store_arrays(k), _store_arrays(v)
-    flushed = k.flushed.astype(jnp.int32) if k_kind == "kivi4" else jnp.full((b,), s, jnp.int32)  # [B]
     kernel = functools.partial(
         _flash_decode_kernel,
         k_kind=k_kind,
@@ -792,7 +794,7 @@ def flash_decode(
         kernel,
         grid=(b, kv_heads, cfg.num_splits),
         in_specs=[
-            pl.BlockSpec((None, 2), lambda bi, ki, pi: (bi, 0)),
+            pl.BlockSpec((b, t), lambda bi, ki, pi: (0, 0)),
             pl.BlockSpec((None, None, gp, d), lambda bi, ki, pi: (bi, ki, 0, 0)),
             *cache_specs(k),
             *cache_specs(v),
@@ -810,7 +812,7 @@ def flash_decode(
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"flash_decode_k{k_kind}_v{v_kind}",
-    )(jnp.stack([q_positions.reshape(b, t)[:, 0].astype(jnp.int32), flushed], axis=1),  # [B, 2]
+    )(q_positions.reshape(b, t).astype(jnp.int32),  # [B, T]: taken whole, so no XLA op builds it
       q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d), *k_arrays, *v_arrays)
     if cfg.combine_kernel:
         out = combine_splits(o, m, l, q.dtype, interpret)  # [B, K, T G, D]
