@@ -53,7 +53,8 @@
 #                                  append tests, the 128k defaults of every format kernel by kernel, the streams probe
 #   bash bench/gpu_session.sh zk   positions (and kivi4's flushed) read whole by the decode kernel: its compiled tests,
 #                                  the 128k defaults kernel by kernel, 4-bit splits at batch 1 around the defaults
-#   bash bench/gpu_session.sh zj   the append at its defaults (both shapes, beside XLA), then end to end (as part o)
+#   bash bench/gpu_session.sh zj   decode defaults at 32k, the append at its defaults (both shapes, beside XLA), then
+#                                  end to end (as part o)
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -272,6 +273,8 @@ case "${1:-}" in
     step 100 fd_4bit_splits_b1 $F --formats int4,kivi4-g64 --num-splits 99,132,165
     ;;
   zj)
+    step 100 fd_defaults_32k python3 -m pallas_kernels.flash_decode --lengths 32768 --batch 1,8 --samples 20 \
+      --calls 6 --no-reference --formats bf16,int8,int4,kivi4-g64
     step 150 qa_defaults python3 -m pallas_kernels.quantize_append --budget-s 120 --shapes 1,16384,8,128,32768 \
       2,2048,32,64,4096 --formats int8 int4-g64 bf16 --kv-formats int8
     step 300 kv_quant_e2e python3 bench/kv_quant.py --parts e2e --formats bf16 int8 int4 kivi4-g64 --out "$OUT/"
