@@ -39,7 +39,8 @@ head (T G rows for T queries, row r the query r // G) share one read of each K/V
 A program walks only the key blocks its sequence can see (a loop bound computed from
 the query position), so an 8k context in a 128k cache reads 8k slots; the visible
 blocks are dealt out evenly to the P splits. `combine_splits` merges the P partial
-softmaxes. With `transposed`, a program computes scores as K . q^T, [Ts, Gp] with Gp >= 8
+softmaxes in a second kernel (one program per sequence, KV head, row and chunk of
+channels; `combine_splits_reference` is its plain-JAX twin). With `transposed`, a program computes scores as K . q^T, [Ts, Gp] with Gp >= 8
 (the tokens on the mma's M, the query heads on N), and its accumulators as V^T . p.
 
 Dimensions: B batch, T queries per sequence, S cache slots (slot s holds position s), H
@@ -854,7 +855,8 @@ def _random_store(key, side: str, shape: tuple[int, ...], group: int) -> Store:
     if isinstance(like, Int8):
         return Int8(q, jax.random.uniform(k2, like.scale.shape, like.scale.dtype, 0.005, 0.02))
     pair_axis = -2 if isinstance(like, Kivi4) else -1  # scale_zero's (scale, zero) axis
-    stats = like.scale_zero.shape[:pair_axis] + (like.scale_zero.shape[pair_axis + 1:] if pair_axis == -2 else ())
+    sz = like.scale_zero.shape
+    stats = sz[:pair_axis] + sz[len(sz) + pair_axis + 1:]  # without that axis
     scale_zero = jnp.stack([jax.random.uniform(k2, stats, like.scale_zero.dtype, 0.01, 0.2),
                             jax.random.uniform(k3, stats, like.scale_zero.dtype, -1.5, -0.5)], axis=pair_axis)
     if isinstance(like, Kivi4):
