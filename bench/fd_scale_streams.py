@@ -2,14 +2,16 @@
 
 Until session 11 an Int4 K and V store each held words [B, K, S, D/4] and two small arrays
 [B, K, S, N] (N group scales, N zero points): per 64-slot block a program read two 4 KiB
-word tiles and four 256-byte scale tiles, six streams where bf16 reads two. Run on that
-layout (`-s11-b-fd_scale_streams.log`), aliasing each store's zero points to its scales
-(two scale streams) took the int4-g64 kernel from 46.8 to 43.4 us at batch 1 and from
-331.1 to 309.6 at batch 8, three times what the 2.7% fewer bytes explain; so the stores
-now keep (scale, zero) pairs in one array (`kv_cache.Int4.scale_zero`). This times the
-decode kernel (GPU time from a profiler trace, the combine apart) on the stores as they
-are (two scale streams) and with V's statistics aliased to K's (one; the repeat reads are
-L2 hits, 1.4% of the int4-g64 bytes).
+word tiles and four small scale tiles (256 bytes for g64, 128 for g128), six streams
+where bf16 reads two. Run on that layout (`-s11-b-fd_scale_streams.log`, an H200),
+aliasing each store's zero points to its scales (two scale streams; the repeat reads are
+L2 hits) took the int4-g128 kernel from 58.1 to 48.3 us at batch 1 and from 419.3 to 341.4
+at batch 8, 17-19% of the time for 2.9% fewer bytes (int4-g64: 7.3% and 6.5% for 5.6%).
+So the stores now keep (scale, zero) pairs in one array (`kv_cache.Int4.scale_zero`): on
+the same bytes int4-g64 took 41.4 and 292.3 us, g128 38.9 and 268.8 (`-s11-c-`). This
+times the decode kernel (GPU time from a profiler trace, the combine apart) on the stores
+as they are (two scale streams) and with V's pairs aliased to K's (one; 5.6% of the g64
+bytes, 2.9% of g128).
 
     python3 bench/fd_scale_streams.py [--batch 1,8] [--length 131072] [--groups 64,128]
 """

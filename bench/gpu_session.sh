@@ -55,6 +55,8 @@
 #                                  the 128k defaults kernel by kernel, 4-bit splits at batch 1 around the defaults
 #   bash bench/gpu_session.sh zj   decode defaults at 32k, the append at its defaults (both shapes, beside XLA), then
 #                                  end to end (as part o)
+#   bash bench/gpu_session.sh zl   the decode loop beside XLA's einsum and jax's Pallas gqa (kv_quant.py --parts
+#                                  attention), every format, batch 8 and 1, 128k, 32k, 8k
 #
 # Logs and result files go to $OUT (default bench/results/new); copy them into
 # bench/results/ afterwards. Part b expects SMOL_GGUF (default /tmp/spec/smol.gguf) and
@@ -271,6 +273,10 @@ case "${1:-}" in
       --calls 4 --no-reference --formats bf16,int8,int4,kivi4-g64,kivi4-g128 --kernels
     F="python3 -m pallas_kernels.flash_decode --lengths 131072 --samples 10 --calls 4 --no-reference --batch 1"
     step 100 fd_4bit_splits_b1 $F --formats int4,kivi4-g64 --num-splits 99,132,165
+    ;;
+  zl)
+    step 420 kv_quant_attention python3 bench/kv_quant.py --parts attention --formats bf16 int8 int4 kivi4-g64 \
+      --batch 8 1 --context 131072 32768 8192 --copy-gib 1 --reps 5 --inner 12 --out "$OUT/"
     ;;
   zj)
     step 100 fd_defaults_32k python3 -m pallas_kernels.flash_decode --lengths 32768 --batch 1,8 --samples 20 \

@@ -36,9 +36,9 @@ session 10).
                          with n in [0, 15]; scale_zero fp16 [B, K, S, D / group, 2] holds
                          each group's (scale, zero) side by side, so a token's statistics
                          are one stretch of 4 N bytes (`scale` and `zero` read them apart).
-                         Kept as two arrays (four small streams to a K/V pair), they cost
-                         the int4-g64 decode kernel at 128k 46.8 against 41.4 us at batch
-                         1 and 331.1 against 292.3 at batch 8 on an H200
+                         Kept as two arrays (four small streams to a K/V pair), the same
+                         bytes cost the int4-g64 decode kernel at 128k 46.8 against 41.4 us
+                         at batch 1 and 331.1 against 292.3 at batch 8 on an H200
                          (bench/fd_scale_streams.py, bench/results/2026-11-27-h200-kv_quant-status.md).
 
   Kivi4(q, scale_zero, residual, flushed)

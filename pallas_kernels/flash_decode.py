@@ -40,8 +40,9 @@ A program walks only the key blocks its sequence can see (a loop bound computed 
 the query position), so an 8k context in a 128k cache reads 8k slots; the visible
 blocks are dealt out evenly to the P splits. `combine_splits` merges the P partial
 softmaxes in a second kernel (one program per sequence, KV head, row and chunk of
-channels; `combine_splits_reference` is its plain-JAX twin). With `transposed`, a program computes scores as K . q^T, [Ts, Gp] with Gp >= 8
-(the tokens on the mma's M, the query heads on N), and its accumulators as V^T . p.
+channels; `combine_splits_reference` is its plain-JAX twin). With `transposed`, a
+program computes scores as K . q^T, [Ts, Gp] with Gp >= 8 (the tokens on the mma's M,
+the query heads on N), and its accumulators as V^T . p.
 
 Dimensions: B batch, T queries per sequence, S cache slots (slot s holds position s), H
 query heads, K KV heads, G = H // K query heads per KV head, Gp T G padded to a power of
@@ -84,7 +85,9 @@ PROGRAMS_PER_SM_QUANT = {"int8": 5, "int4": 4}
 # 56.1 and 336.7 for 128-slot blocks at 66 and 8 (`-s10-j-fd_int4_b64.log`,
 # `-s10-k-fd_defaults_128k.log`). kivi4-g64 or -g32 keys: 6, kivi4-g64 64.1 and 395.9 us
 # with 99 and 12 splits against 79.7 and 512.0 with 132 and 16 (`-s10-k-*`; session 9: 78.6
-# and 540.9 us against 88.4 and 642.5 at 4 programs).
+# and 540.9 us against 88.4 and 642.5 at 4 programs). Session 11, (scale, zero) pairs in one
+# array: int4-g64 at batch 1 44.7 us with 132 splits, 44.2 with 99, 53.6 with 165; kivi4-g64
+# 53.2 with 99, 54.5 with 132 (`-s11-d-fd_4bit_splits_b1.log`).
 PROGRAMS_PER_SM_4BIT_SMALL_BLOCKS = {"int4": 8, "kivi4": 6}
 MIN_BLOCKS_PER_SPLIT = 2  # at the longest context, each split walks at least this many blocks
 Q_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -906,7 +909,8 @@ def _seconds_per_call_in_loop(fn, q, k, v, calls: int, samples: int) -> float:
     return common.median_seconds(lambda: loop(q, k, v), samples) / calls
 
 
-_KNOB_HEADERS = ("block_s", "splits", "warps", "stages", "ahead", "T", "MW", "CK")  # the sweep's columns for Config's fields
+# The sweep's columns for Config's fields, in their order.
+_KNOB_HEADERS = ("block_s", "splits", "warps", "stages", "ahead", "T", "MW", "CK")
 
 
 def _ints(text: str | None) -> list[int | None]:
@@ -938,7 +942,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scales-ahead", help=knob_help + " (1 or 0)")
     parser.add_argument("--transposed", help=knob_help + " (1 or 0: scores as K . q^T)")
     parser.add_argument("--masked-words", help=knob_help + " (1 or 0: quantized words loaded under the mask)")
-    parser.add_argument("--combine-kernel", help=knob_help + " (1 or 0: the splits merged in one Pallas kernel or by XLA)")
+    parser.add_argument("--combine-kernel", help=knob_help + " (1 or 0: the splits merged by one kernel or by XLA)")
     parser.add_argument("--samples", type=int, default=30, help="timed runs; the median is reported")
     parser.add_argument("--calls", type=int, default=16, help="kernel calls per timed run (at least enough "
                         "cache copies to cycle through 256 MiB, so repeats do not hit L2)")
