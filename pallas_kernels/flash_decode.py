@@ -851,17 +851,16 @@ def _random_store(key, side: str, shape: tuple[int, ...], group: int) -> Store:
     `kv_cache.empty_store`'s (a kivi4 store with its last group in the residual); speed
     does not depend on the values."""
     like = jax.eval_shape(lambda: kv_cache.empty_store(side, shape, group))
-    k1, k2, k3 = jax.random.split(key, 3)
+    k1, k2 = jax.random.split(key)
     if isinstance(like, Dense):
         return Dense(jax.random.normal(k1, like.x.shape, like.x.dtype))
     q = jax.random.bits(k1, like.q.shape, like.q.dtype)  # packed words
     if isinstance(like, Int8):
         return Int8(q, jax.random.uniform(k2, like.scale.shape, like.scale.dtype, 0.005, 0.02))
-    pair_axis = -2 if isinstance(like, Kivi4) else -1  # scale_zero's (scale, zero) axis
-    sz = like.scale_zero.shape
-    stats = sz[:pair_axis] + sz[len(sz) + pair_axis + 1:]  # without that axis
-    scale_zero = jnp.stack([jax.random.uniform(k2, stats, like.scale_zero.dtype, 0.01, 0.2),
-                            jax.random.uniform(k3, stats, like.scale_zero.dtype, -1.5, -0.5)], axis=pair_axis)
+    # Scales in [0.01, 0.2), zero points in [-1.5, -0.5): bounds along scale_zero's pair axis.
+    pair = (2, 1) if isinstance(like, Kivi4) else (2,)
+    lo, hi = jnp.array([0.01, -1.5]).reshape(pair), jnp.array([0.2, -0.5]).reshape(pair)
+    scale_zero = jax.random.uniform(k2, like.scale_zero.shape, like.scale_zero.dtype, lo, hi)
     if isinstance(like, Kivi4):
         return Kivi4(q, scale_zero, jax.random.normal(k1, like.residual.shape, like.residual.dtype),
                      jnp.full(like.flushed.shape, shape[1] - like.group, jnp.int32))
